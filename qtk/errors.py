@@ -1,0 +1,223 @@
+"""qtk's one error hierarchy, and the one table of exit codes.
+
+Every error says what happened and what to do next (``hint``). Errors also subclass the
+matching built-in, so callers may catch ``FileNotFoundError`` or the precise qtk type.
+
+    QtkError                                   exit 1   (unexpected failures use it too)
+    ├── UsageError (ValueError)                exit 2   bad arguments or options
+    ├── HubError
+    │   ├── AuthError (PermissionError)
+    │   │   ├── NotLoggedInError               exit 10  no token, but the repo/command needs one
+    │   │   ├── InvalidTokenError              exit 11  the endpoint rejected the token
+    │   │   └── AccessDeniedError              exit 12  logged in, but no access (gated: request it)
+    │   ├── RemoteNotFoundError (FileNotFoundError)
+    │   │   ├── RepoNotFoundError              exit 13  no such repo, or private without access
+    │   │   ├── RevisionNotFoundError          exit 14  no such branch, tag or commit
+    │   │   ├── EntryNotFoundError             exit 15  no such file in the repo
+    │   │   └── NothingMatchedError            exit 16  --include/--exclude matched no file
+    │   ├── LocalNotFoundError (FileNotFoundError)  exit 17  offline and not in the cache
+    │   ├── IntegrityError                     exit 20  hash/size mismatch after re-fetch
+    │   ├── UnsafePathError (ValueError)       exit 21  remote path with '..' or absolute
+    │   ├── LockTimeoutError (TimeoutError)    exit 22  another process holds the file lock
+    │   └── NetworkError (ConnectionError)     exit 30  endpoint unreachable, retries exhausted
+    └── DiskSpaceError (OSError)               exit 40  not enough free space for the plan
+
+    KeyboardInterrupt                          exit 130 (partial downloads are kept for resume)
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "QtkError",
+    "UsageError",
+    "HubError",
+    "AuthError",
+    "NotLoggedInError",
+    "InvalidTokenError",
+    "AccessDeniedError",
+    "RemoteNotFoundError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
+    "EntryNotFoundError",
+    "NothingMatchedError",
+    "LocalNotFoundError",
+    "IntegrityError",
+    "UnsafePathError",
+    "LockTimeoutError",
+    "NetworkError",
+    "DiskSpaceError",
+    "EXIT_INTERRUPTED",
+    "exit_code_for",
+    "exit_code_table",
+    "redact",
+]
+
+EXIT_INTERRUPTED = 130
+
+# Hugging Face user access tokens look like ``hf_`` + 30+ alphanumerics; also catch
+# "Bearer <anything>" in case an HTTP library echoes a header.
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{4,}")
+_BEARER_RE = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
+_extra_secrets: set[str] = set()
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember a token that does not look like ``hf_...`` so that :func:`redact` hides it too."""
+    if secret and len(secret) >= 8:
+        _extra_secrets.add(secret)
+
+
+def redact(text: str) -> str:
+    """Hide anything that looks like a token in ``text``."""
+    text = _TOKEN_RE.sub("hf_***", text)
+    text = _BEARER_RE.sub(r"\1***", text)
+    for secret in _extra_secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class QtkError(Exception):
+    """Root of qtk's errors: a message (what happened) and a hint (what to do next)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message if not self.hint else f"{self.message}\n{self.hint}"
+        return redact(text)
+
+    def to_dict(self) -> dict:
+        return {
+            "error": type(self).__name__,
+            "message": redact(self.message),
+            "hint": redact(self.hint) if self.hint else None,
+            "exit_code": self.exit_code,
+        }
+
+
+class UsageError(QtkError, ValueError):
+    """Bad arguments or options."""
+
+    exit_code = 2
+
+
+class HubError(QtkError):
+    """Something about the Hub (or a Hub-compatible endpoint) or the local cache."""
+
+
+class AuthError(HubError, PermissionError):
+    """Authentication or authorization failed."""
+
+    exit_code = 10
+
+
+class NotLoggedInError(AuthError):
+    """No token, but the repo or command needs one."""
+
+    exit_code = 10
+
+
+class InvalidTokenError(AuthError):
+    """The endpoint rejected the token."""
+
+    exit_code = 11
+
+
+class AccessDeniedError(AuthError):
+    """Logged in, but without access to the repo (gated: request access)."""
+
+    exit_code = 12
+
+
+class RemoteNotFoundError(HubError, FileNotFoundError):
+    """The endpoint says something does not exist."""
+
+    exit_code = 13
+
+
+class RepoNotFoundError(RemoteNotFoundError):
+    """No such repo, or a private repo the token cannot see."""
+
+    exit_code = 13
+
+
+class RevisionNotFoundError(RemoteNotFoundError):
+    """No such branch, tag or commit."""
+
+    exit_code = 14
+
+
+class EntryNotFoundError(RemoteNotFoundError):
+    """No such file in the repo at that revision."""
+
+    exit_code = 15
+
+
+class NothingMatchedError(RemoteNotFoundError):
+    """--include/--exclude patterns matched no file."""
+
+    exit_code = 16
+
+
+class LocalNotFoundError(HubError, FileNotFoundError):
+    """Offline, and what was asked for is not in the local cache."""
+
+    exit_code = 17
+
+
+class IntegrityError(HubError):
+    """Downloaded bytes do not match the advertised hash or size, even after a re-fetch."""
+
+    exit_code = 20
+
+
+class UnsafePathError(HubError, ValueError):
+    """A remote file name is absolute or contains '..'."""
+
+    exit_code = 21
+
+
+class LockTimeoutError(HubError, TimeoutError):
+    """Another process holds a lock on the file for too long."""
+
+    exit_code = 22
+
+
+class NetworkError(HubError, ConnectionError):
+    """Endpoint unreachable, or transient errors outlasted the retries."""
+
+    exit_code = 30
+
+
+class DiskSpaceError(QtkError, OSError):
+    """Not enough free disk space for the plan."""
+
+    exit_code = 40
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The process exit code for ``exc`` (the single mapping the CLI uses)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, QtkError):
+        return exc.exit_code
+    return 1
+
+
+def exit_code_table() -> list[tuple[int, str, str]]:
+    """Rows of (exit code, error class, meaning) for the docs and ``qtk exit-codes``."""
+    rows = [(0, "-", "Success.")]
+    stack = [QtkError]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.__module__ == __name__ and cls.__doc__:
+            rows.append((cls.exit_code, cls.__name__, cls.__doc__.strip().splitlines()[0]))
+    rows.append((EXIT_INTERRUPTED, "KeyboardInterrupt", "Interrupted; partial downloads are kept for resume."))
+    return sorted(rows)

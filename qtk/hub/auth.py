@@ -1,0 +1,137 @@
+"""Tokens: lookup order, login (validated before it is stored), logout, whoami.
+
+The token lives where huggingface_hub reads it (``$HF_HOME/token``, or ``HF_TOKEN_PATH``), with
+mode 0600, so ``hf``, transformers and qtk share one login. ``HF_TOKEN`` overrides the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import errors
+from ..settings import Settings
+from ._errors import HubContext, map_hub_errors
+
+__all__ = ["Token", "Identity", "get_token", "login", "logout", "whoami"]
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    source: str  # "HF_TOKEN" or the token file path
+
+    def __repr__(self) -> str:  # never show the value, even in a traceback
+        return f"Token(source={self.source!r})"
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    fullname: str | None
+    kind: str  # "user" or "org"
+    role: str | None  # token role: read, write, fineGrained
+    token_name: str | None
+    orgs: tuple[str, ...]
+    endpoint: str
+    token_source: str
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "fullname": self.fullname,
+            "type": self.kind,
+            "token_role": self.role,
+            "token_name": self.token_name,
+            "orgs": list(self.orgs),
+            "endpoint": self.endpoint,
+            "token_source": self.token_source,
+        }
+
+
+def get_token(settings: Settings) -> Token | None:
+    """``HF_TOKEN`` first, then the token file (huggingface_hub's order)."""
+    if settings.env_token:
+        errors.register_secret(settings.env_token)
+        return Token(settings.env_token, "HF_TOKEN")
+    try:
+        value = settings.token_path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError as exc:
+        raise errors.AuthError(
+            f"Cannot read the token file {settings.token_path}: {exc.strerror}.",
+            hint="Fix its permissions (chmod 600) or run `qtk login` again.",
+        ) from exc
+    if not value:
+        return None
+    errors.register_secret(value)
+    return Token(value, str(settings.token_path))
+
+
+def _whoami(settings: Settings, token: Token) -> Identity:
+    from huggingface_hub import HfApi
+
+    with map_hub_errors(HubContext(settings.endpoint, has_token=True)):
+        info = HfApi(endpoint=settings.endpoint, library_name="qtk").whoami(token=token.value)
+    access = (info.get("auth") or {}).get("accessToken") or {}
+    return Identity(
+        name=info.get("name", "?"),
+        fullname=info.get("fullname"),
+        kind=info.get("type", "user"),
+        role=access.get("role"),
+        token_name=access.get("displayName"),
+        orgs=tuple(o.get("name", "?") for o in info.get("orgs") or []),
+        endpoint=settings.endpoint,
+        token_source=token.source,
+    )
+
+
+def whoami(settings: Settings) -> Identity:
+    token = get_token(settings)
+    if token is None:
+        raise errors.NotLoggedInError(
+            f"Not logged in (no HF_TOKEN and no token file at {settings.token_path}).",
+            hint="Run `qtk login`.",
+        )
+    return _whoami(settings, token)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600, atomically (temp file in the same dir + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".token.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def login(settings: Settings, token_value: str) -> Identity:
+    """Validate ``token_value`` against the endpoint's whoami, then store it (mode 0600)."""
+    token_value = token_value.strip()
+    if not token_value:
+        raise errors.UsageError("The token is empty.", hint="Create one at <endpoint>/settings/tokens.")
+    errors.register_secret(token_value)
+    identity = _whoami(settings, Token(token_value, str(settings.token_path)))
+    _write_private(settings.token_path, token_value)
+    return identity
+
+
+def logout(settings: Settings) -> bool:
+    """Delete the token file. Returns whether there was one."""
+    try:
+        settings.token_path.unlink()
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,355 @@
+"""``qtk pull`` as a library: plan (preflight, no bytes move) -> fetch -> place.
+
+    plan = plan_pull("meta-llama/Llama-3.1-8B-Instruct", include=["*.json", "*.safetensors"])
+    print(plan.bytes_to_transfer)          # what a dry run reports
+    result = pull(plan, connections=16)    # resumable, hash-verified, atomic
+    result.path                            # snapshots/<commit>/ (or the --local-dir)
+
+Preflight resolves the revision to a commit sha (pinned for the whole pull), lists the files
+through huggingface_hub, applies the filters with huggingface_hub's own matcher (same semantics as
+``hf download``), refuses unsafe names, checks access with one HEAD and checks free disk space.
+Nothing is written until all of that passes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .. import __version__, errors
+from ..settings import Settings
+from ._errors import HubContext, map_hub_errors
+from ._fetch import DEFAULT_CHUNK, DEFAULT_CONNECTIONS, FetchJob, Fetcher, FetchStats, ProgressSink, resumable_bytes
+from .auth import get_token
+from .cache import CacheTarget, LocalDirTarget, RemoteFile, check_safe_path
+
+__all__ = ["PlannedFile", "PullPlan", "PullResult", "plan_pull", "pull", "free_bytes", "human_bytes"]
+
+REPO_TYPES = ("model", "dataset", "space")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing ancestor)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    file: RemoteFile
+    present: bool  # already in place and verified
+    resumable: int  # bytes an interrupted earlier run already finished
+    part_exists: bool  # a preallocated part file already holds its disk space
+    dest: Path
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.file.path,
+            "size": self.file.size,
+            "lfs": self.file.lfs,
+            "oid": self.file.oid,
+            "present": self.present,
+            "resumable_bytes": self.resumable,
+            "dest": str(self.dest),
+        }
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    repo_id: str
+    repo_type: str
+    revision: str | None  # as asked
+    commit: str  # as resolved, pinned for the whole pull
+    endpoint: str
+    target: CacheTarget | LocalDirTarget = field(repr=False)
+    files: tuple[PlannedFile, ...]
+    offline: bool = False
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return self.target.root(self.commit)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.file.size for p in self.files)
+
+    @property
+    def present_bytes(self) -> int:
+        return sum(p.file.size for p in self.files if p.present)
+
+    @property
+    def missing(self) -> list[PlannedFile]:
+        return [p for p in self.files if not p.present]
+
+    @property
+    def bytes_to_transfer(self) -> int:
+        return sum(p.file.size - p.resumable for p in self.missing)
+
+    @property
+    def disk_bytes_needed(self) -> int:
+        # part files are preallocated to full size, so an existing one needs nothing more
+        return sum(p.file.size for p in self.missing if not p.part_exists)
+
+    def to_dict(self) -> dict:
+        return {
+            "repo_id": self.repo_id,
+            "repo_type": self.repo_type,
+            "revision": self.revision,
+            "commit": self.commit,
+            "endpoint": self.endpoint,
+            "target": self.target.kind,
+            "path": str(self.root),
+            "offline": self.offline,
+            "files": [p.to_dict() for p in self.files],
+            "total_bytes": self.total_bytes,
+            "present_bytes": self.present_bytes,
+            "bytes_to_transfer": self.bytes_to_transfer,
+            "disk_bytes_needed": self.disk_bytes_needed,
+        }
+
+
+@dataclass(frozen=True)
+class PullResult:
+    plan: PullPlan
+    stats: FetchStats
+
+    @property
+    def path(self) -> Path:
+        return self.plan.root
+
+    def to_dict(self) -> dict:
+        d = self.plan.to_dict()
+        d["stats"] = self.stats.to_dict()
+        return d
+
+
+def _validate_repo_id(repo_id: str, repo_type: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_type not in REPO_TYPES:
+        raise errors.UsageError(f"Unknown repo type {repo_type!r}.", hint=f"Use one of {', '.join(REPO_TYPES)}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise errors.UsageError(f"Invalid repo id {repo_id!r}: {exc}", hint="Use the form namespace/name.") from exc
+
+
+def _select(files: list[RemoteFile], include: Sequence[str], exclude: Sequence[str]) -> list[RemoteFile]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(
+        filter_repo_objects(
+            files, allow_patterns=list(include) or None, ignore_patterns=list(exclude) or None, key=lambda f: f.path
+        )
+    )
+
+
+def _nothing_matched(repo_id: str, include, exclude, available: Iterable[str]) -> errors.NothingMatchedError:
+    names = sorted(available)
+    shown = "\n".join(f"  {n}" for n in names[:40])
+    more = f"\n  ... and {len(names) - 40} more" if len(names) > 40 else ""
+    return errors.NothingMatchedError(
+        f"No file of {repo_id} matches --include {list(include) or '*'} --exclude {list(exclude) or '-'}. "
+        f"The repo has {len(names)} file(s):\n{shown}{more}",
+        hint="Fix the patterns (globs such as '*.safetensors' or 'subdir/*').",
+    )
+
+
+def _target(settings: Settings, repo_id: str, repo_type: str, local_dir: Path | None):
+    return LocalDirTarget(local_dir) if local_dir is not None else CacheTarget(settings.hub_cache, repo_id, repo_type)
+
+
+def _planned(target, commit: str, files: list[RemoteFile], chunk_size: int) -> tuple[PlannedFile, ...]:
+    out = []
+    for f in files:
+        present = target.is_present(commit, f)
+        part = target.part_path(f)
+        out.append(
+            PlannedFile(
+                file=f,
+                present=present,
+                resumable=0 if present else resumable_bytes(part, f.size, f.digest, chunk_size),
+                part_exists=(not present) and part.exists() and part.stat().st_size == f.size,
+                dest=target.visible_path(commit, f),
+            )
+        )
+    return tuple(out)
+
+
+def plan_pull(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    local_dir: str | Path | None = None,
+    repo_type: str = "model",
+    settings: Settings | None = None,
+    check_access: bool = True,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> PullPlan:
+    """Preflight a pull: everything but moving file bytes. Raises a qtk error on any problem."""
+    settings = settings or Settings.from_env()
+    _validate_repo_id(repo_id, repo_type)
+    target = _target(settings, repo_id, repo_type, Path(local_dir) if local_dir is not None else None)
+    if settings.offline:
+        return _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size)
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    token = get_token(settings)
+    tok = token.value if token else None
+    ctx = HubContext(settings.endpoint, repo_id, revision or "main", has_token=tok is not None)
+    api = HfApi(endpoint=settings.endpoint, library_name="qtk", library_version=__version__)
+    with map_hub_errors(ctx):
+        info = api.repo_info(repo_id, repo_type=repo_type, revision=revision, token=tok or False)
+        commit = info.sha
+        if not commit:
+            raise errors.RevisionNotFoundError(f"{settings.endpoint} did not return a commit for {repo_id}@{revision}.")
+        entries = api.list_repo_tree(
+            repo_id, recursive=True, expand=False, revision=commit, repo_type=repo_type, token=tok or False
+        )
+        files = [
+            RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else e.blob_id, lfs=e.lfs is not None)
+            for e in entries
+            if isinstance(e, RepoFile)
+        ]
+    selected = _select(files, include, exclude)
+    if not selected:
+        raise _nothing_matched(repo_id, include, exclude, (f.path for f in files))
+    for f in selected:
+        check_safe_path(f.path)
+    if check_access:
+        _check_access(settings, repo_id, repo_type, commit, selected[0], tok)
+    return PullPlan(
+        repo_id=repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        commit=commit,
+        endpoint=settings.endpoint,
+        target=target,
+        files=_planned(target, commit, selected, chunk_size),
+        token=tok,
+    )
+
+
+def _resolve_url(endpoint: str, repo_id: str, repo_type: str, commit: str, path: str) -> str:
+    from huggingface_hub import hf_hub_url
+
+    return hf_hub_url(repo_id, path, repo_type=repo_type, revision=commit, endpoint=endpoint)
+
+
+def _check_access(settings: Settings, repo_id, repo_type, commit, f: RemoteFile, tok: str | None) -> None:
+    """One HEAD on a file: gated repos list publicly but refuse downloads without access."""
+    from huggingface_hub import get_hf_file_metadata
+
+    url = _resolve_url(settings.endpoint, repo_id, repo_type, commit, f.path)
+    ctx = HubContext(settings.endpoint, repo_id, commit, filename=f.path, has_token=tok is not None)
+    with map_hub_errors(ctx):
+        get_hf_file_metadata(url, token=tok or False, endpoint=settings.endpoint)
+
+
+def _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size) -> PullPlan:
+    if not isinstance(target, CacheTarget):
+        raise errors.LocalNotFoundError(
+            "HF_HUB_OFFLINE is set and --local-dir has no record of the remote revision.",
+            hint="Unset HF_HUB_OFFLINE, or pull into the cache (no --local-dir) when online.",
+        )
+    commit = target.resolve_offline(revision)
+    if commit is None:
+        raise errors.LocalNotFoundError(
+            f"HF_HUB_OFFLINE is set and {repo_id}@{revision or 'main'} is not in the cache ({settings.hub_cache}).",
+            hint="Pull it once while online (unset HF_HUB_OFFLINE), or point HF_HUB_CACHE at a cache that has it.",
+        )
+    cached = target.cached_files(commit)
+    selected = _select(cached, include, exclude)
+    if not selected:
+        raise errors.LocalNotFoundError(
+            f"HF_HUB_OFFLINE is set and no cached file of {repo_id}@{commit[:12]} matches the filters "
+            f"(cached: {', '.join(f.path for f in cached) or 'none'}).",
+            hint="Pull the files while online, or change --include/--exclude.",
+        )
+    return PullPlan(
+        repo_id=repo_id,
+        repo_type=repo_type,
+        revision=revision,
+        commit=commit,
+        endpoint=settings.endpoint,
+        target=target,
+        files=_planned(target, commit, selected, chunk_size),
+        offline=True,
+    )
+
+
+def check_disk(plan: PullPlan, *, free: int | None = None) -> None:
+    need = plan.disk_bytes_needed
+    if need == 0:
+        return
+    where = plan.target.repo_dir if isinstance(plan.target, CacheTarget) else plan.target.local_dir
+    free = free_bytes(where) if free is None else free
+    if need > free:
+        raise errors.DiskSpaceError(
+            f"Not enough disk space in {where}: this pull needs {human_bytes(need)} ({need} bytes), "
+            f"{human_bytes(free)} ({free} bytes) are free.",
+            hint="Free some space, narrow the pull with --include/--exclude, or set HF_HUB_CACHE / --local-dir "
+            "to a bigger filesystem.",
+        )
+
+
+def pull(
+    plan: PullPlan,
+    *,
+    connections: int = DEFAULT_CONNECTIONS,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: ProgressSink | None = None,
+    lock_timeout: float | None = None,
+) -> PullResult:
+    """Download what ``plan`` says is missing, verify it, and move it into place atomically."""
+    if plan.offline or not plan.missing:
+        plan.target.finalize(plan.revision, plan.commit, [p.file for p in plan.files])
+        return PullResult(plan, FetchStats())
+    check_disk(plan)
+    target, commit = plan.target, plan.commit
+    jobs = []
+    for p in plan.missing:
+        f = p.file
+        jobs.append(
+            FetchJob(
+                key=f.path,
+                url=_resolve_url(plan.endpoint, plan.repo_id, plan.repo_type, commit, f.path),
+                size=f.size,
+                digest=f.digest,
+                part_path=target.part_path(f),
+                lock_path=target.lock_path(f),
+                ctx=HubContext(plan.endpoint, plan.repo_id, commit, filename=f.path, has_token=plan.token is not None),
+                on_complete=lambda part, f=f: target.place(commit, f, part),
+                is_done=lambda f=f: target.is_present(commit, f),
+            )
+        )
+    fetcher = Fetcher(
+        token=plan.token,
+        endpoint=plan.endpoint,
+        connections=connections,
+        chunk_size=chunk_size,
+        progress=progress,
+        user_agent=f"qtk/{__version__}; pid/{os.getpid()}",
+        lock_timeout=lock_timeout,
+    )
+    stats = fetcher.fetch_all(jobs)
+    target.finalize(plan.revision, commit, [p.file for p in plan.files])
+    return PullResult(plan, stats)
