@@ -1,0 +1,64 @@
+"""Human and JSON output, carried in the Click context (no module-level singleton).
+
+Human messages go to stderr; the result a script wants (a path, or the JSON document) goes to
+stdout. Everything printed passes through :func:`qtk.errors.redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import click
+from rich.console import Console
+
+from ..errors import redact
+
+__all__ = ["Output", "get_output"]
+
+
+@dataclass
+class Output:
+    json_mode: bool = False
+    quiet: bool = False
+    debug: bool = False
+    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
+
+    @property
+    def interactive(self) -> bool:
+        """Progress bars only on a terminal, and never with --quiet or --json."""
+        return not (self.quiet or self.json_mode) and self.err.is_terminal and os.environ.get("CI", "") == ""
+
+    def info(self, text: str) -> None:
+        if not (self.quiet or self.json_mode):
+            self.err.print(redact(text))
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"[yellow]Warning:[/yellow] {redact(text)}")
+
+    def error(self, text: str) -> None:
+        self.err.print(f"[bold red]Error:[/bold red] {redact(text)}", markup=True)
+
+    def result(self, text: str) -> None:
+        """The line a script captures (stdout)."""
+        if not self.json_mode:
+            click.echo(redact(text))
+
+    def json(self, obj) -> None:
+        click.echo(redact(json.dumps(obj, indent=2, default=str)))
+
+
+def get_output(ctx: click.Context | None = None) -> Output:
+    ctx = ctx or click.get_current_context()
+    root = ctx.find_root()
+    out = root.meta.get("qtk.output")
+    if out is None:
+        out = Output()
+        root.meta["qtk.output"] = out
+    return out
+
+
+def stdin_is_tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
