@@ -122,12 +122,17 @@ def test_stale_state_for_other_content_starts_over(hub, hub_root, cache_dir):
 
 
 def _peak_rss_mb(args: list[str], env: dict) -> float:
-    proc = subprocess.Popen([sys.executable, "-m", "qtk", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0
-    return usage.ru_maxrss / 1024
+    """VmHWM of a qtk process, read by itself: ru_maxrss would include the forked pytest's RSS."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['qtk', *{args!r}]\n"
+        "try:\n    runpy.run_module('qtk', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip().splitlines()[-1]) / 1024
 
 
 def test_peak_memory_stays_flat(hub, cache_dir):

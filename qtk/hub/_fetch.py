@@ -21,9 +21,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import queue
 import random
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ DEFAULT_CHUNK = 16 * 1024 * 1024
 DEFAULT_CONNECTIONS = 16
 READ_SIZE = 1024 * 1024
 STATE_VERSION = 1
-STATE_FLUSH_S = 0.25  # also bounds what a kill -9 loses
+STATE_FLUSH_S = 0.05  # also bounds what a kill -9 loses
 STATE_SYNC_S = 5.0  # fdatasync + durable record this often (reboot safety without a per-write cost)
 MAX_ATTEMPTS = 6  # per range, counted since the last byte of progress
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -153,6 +156,59 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return (parts.scheme, (parts.hostname or "").lower(), port)
 
 
+class _BodyReader:
+    """Reads a response body straight into the caller's buffer.
+
+    On a plain-TCP connection with a Content-Length body, the socket is read directly with
+    ``MSG_WAITALL``: one system call (and one GIL release) per 1 MiB instead of one per few kB
+    through http.client's buffered reader. Measured here on loopback, 16 connections, 1 GiB:
+    0.35-0.48 s against 0.5-1.2 s. TLS sockets, chunked bodies, or an urllib3/http.client without
+    the expected internals fall back to http.client's ``readinto`` (still no per-read allocation,
+    unlike urllib3's own ``readinto``, which with 16 threads left ~100 MB of glibc arenas).
+    """
+
+    def __init__(self, response, length: int) -> None:
+        self._response = response
+        self._raw = None
+        fp = getattr(response, "_fp", None)  # http.client.HTTPResponse
+        self.readinto = getattr(fp, "readinto", None) or response.readinto
+        conn = getattr(response, "_connection", None)
+        sock = getattr(conn, "sock", None)
+        buffered = getattr(fp, "fp", None)
+        if (
+            isinstance(sock, socket.socket)
+            and type(sock) is socket.socket  # not an ssl.SSLSocket: flags are refused there
+            and getattr(fp, "chunked", True) is False
+            and getattr(fp, "length", None) == length
+            and hasattr(buffered, "read1")
+            and hasattr(fp, "_close_conn")
+        ):
+            self._fp, self._sock, self._buffered = fp, sock, buffered
+            self._timeout = sock.gettimeout()
+            self.readinto = self._first_read
+
+    def _first_read(self, mv: memoryview) -> int:
+        # http.client may already hold the first few kB of the body in its buffer.
+        data = self._buffered.read1(len(mv))
+        mv[: len(data)] = data
+        self._sock.settimeout(None)  # blocking, so MSG_WAITALL waits; SO_RCVTIMEO bounds a stall
+        secs = int(self._timeout or 60)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", secs, 0))
+        self._raw = True
+        self.readinto = self._raw_read
+        return len(data)
+
+    def _raw_read(self, mv: memoryview) -> int:
+        return self._sock.recv_into(mv, len(mv), socket.MSG_WAITALL)
+
+    def finish(self) -> None:
+        """The whole body was read: leave http.client as if it had read it itself."""
+        if self._raw:
+            self._sock.settimeout(self._timeout)
+            self._fp.length = 0
+            self._fp._close_conn()
+
+
 class _Retryable(Exception):
     """A transient failure: retry the range after a backoff."""
 
@@ -181,10 +237,20 @@ class _FileTask:
     refetched: bool = False
     resolved_again: bool = False
     finished: bool = False
+    mm: mmap.mmap | None = None  # read-only map for hashing
+    view: memoryview | None = None
     durable: tuple[list[int], dict[str, int]] | None = None  # progress confirmed by fdatasync
     mu: threading.Lock = field(default_factory=threading.Lock)
     resolve_mu: threading.Lock = field(default_factory=threading.Lock)
     dirty: bool = False
+
+    def unmap(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
 
     @property
     def state_path(self) -> Path:
@@ -485,6 +551,7 @@ class Fetcher:
         assert url is not None
         headers = self._headers(url, task, {"Range": f"bytes={pos}-{end - 1}"})
         r = self._request("GET", url, headers, preload=False)
+        body = None
         try:
             if r.status == 200 and pos == 0 and end == task.job.size:
                 pass  # server ignored Range, but we wanted the whole file anyway
@@ -509,9 +576,8 @@ class Fetcher:
                     )
             mv = memoryview(buf)
             fd, chunk_start = task.fd, task.chunks[i][0]
-            # Read straight into our buffer through http.client (urllib3's own readinto allocates
-            # a new bytes object per call; with 16 threads glibc then keeps ~100 MB of arenas).
-            readinto = getattr(getattr(r, "_fp", None), "readinto", None) or r.readinto
+            body = _BodyReader(r, end - pos)
+            readinto = body.readinto
             while pos < end:
                 if self._stop.is_set():
                     raise _Stop
@@ -531,6 +597,8 @@ class Fetcher:
                 self.progress.advance(task.job.key, n)
         finally:
             if pos >= end:
+                if body is not None:
+                    body.finish()
                 r.release_conn()
             elif r.status >= 400:
                 r.drain_conn()
@@ -540,33 +608,37 @@ class Fetcher:
     # ---------------------------------------------------------------- hashing
 
     def _hash_loop(self) -> None:
-        buf = bytearray(4 * READ_SIZE)
         while True:
             task = self._hash_q.get()
             if task is None:
                 return
             try:
-                self._advance_hash(task, buf)
+                self._advance_hash(task)
             except BaseException as exc:
                 self._fail(exc)
 
-    def _advance_hash(self, task: _FileTask, buf: bytearray) -> None:
+    def _advance_hash(self, task: _FileTask) -> None:
+        """Hash the complete chunks at the front of the file, in order.
+
+        The part file is read through one read-only mmap per file: hashlib reads the page cache
+        directly (measured here: 0.07 s of system time per GiB, against 0.4 s for pread into a buffer).
+        """
         if task.finished:
             return
-        mv = memoryview(buf)
         while task.hash_next < len(task.chunks):
             with task.mu:
                 ready = task.hash_next in task.done
             if not ready:
                 return
+            if task.view is None:
+                task.mm = mmap.mmap(task.fd, task.job.size, prot=mmap.PROT_READ)
+                task.view = memoryview(task.mm)
             s, e = task.chunks[task.hash_next]
-            while s < e:
-                n = os.preadv(task.fd, [mv[: min(len(buf), e - s)]], s)
-                if n <= 0:
-                    raise errors.IntegrityError(f"{task.job.part_path} is shorter than expected.")
-                task.hasher.update(mv[:n])
-                s += n
+            task.hasher.update(task.view[s:e])
+            if hasattr(mmap, "MADV_DONTNEED"):  # unmap what was hashed: RSS stays flat (the page cache keeps it)
+                task.mm.madvise(mmap.MADV_DONTNEED, s, e - s)
             task.hash_next += 1
+        task.unmap()
         self._finish(task)
 
     def _finish(self, task: _FileTask) -> None:
@@ -665,6 +737,7 @@ class Fetcher:
 
     @staticmethod
     def _close(task: _FileTask) -> None:
+        task.unmap()
         if task.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(task.fd)

@@ -168,6 +168,7 @@ class MirrorServer(ThreadingHTTPServer):
 
 class MirrorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stalls
     server_version = f"qtk-mirror/{__version__}"
     server: MirrorServer
 
