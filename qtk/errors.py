@@ -20,6 +20,13 @@ matching built-in, so callers may catch ``FileNotFoundError`` or the precise qtk
     │   ├── UnsafePathError (ValueError)       exit 21  remote path with '..' or absolute
     │   ├── LockTimeoutError (TimeoutError)    exit 22  another process holds the file lock
     │   └── NetworkError (ConnectionError)     exit 30  endpoint unreachable, retries exhausted
+    ├── QuantizeError                          exit 50
+    │   ├── BackendUnavailableError (ImportError) exit 50  backend library missing (install the extra)
+    │   ├── UnsupportedConfigError (ValueError) exit 51  method cannot do what was asked
+    │   ├── ModelFormatError (ValueError)      exit 52  not a causal LM, already quantized, bad dtype
+    │   ├── OutputExistsError (FileExistsError) exit 53  output exists (use --overwrite)
+    │   ├── CalibrationError (ValueError)      exit 54  calibration data unusable or too small
+    │   └── ResourceError (MemoryError)        exit 55  out of memory (the hint says what to lower)
     └── DiskSpaceError (OSError)               exit 40  not enough free space for the plan
 
     KeyboardInterrupt                          exit 130 (partial downloads are kept for resume)
@@ -48,6 +55,13 @@ __all__ = [
     "LockTimeoutError",
     "NetworkError",
     "DiskSpaceError",
+    "QuantizeError",
+    "BackendUnavailableError",
+    "UnsupportedConfigError",
+    "ModelFormatError",
+    "OutputExistsError",
+    "CalibrationError",
+    "ResourceError",
     "EXIT_INTERRUPTED",
     "exit_code_for",
     "exit_code_table",
@@ -193,6 +207,48 @@ class NetworkError(HubError, ConnectionError):
     """Endpoint unreachable, or transient errors outlasted the retries."""
 
     exit_code = 30
+
+
+class QuantizeError(QtkError):
+    """Quantization failed."""
+
+    exit_code = 50
+
+
+class BackendUnavailableError(QuantizeError, ImportError):
+    """The backend library for this method is not installed (the hint names the extra)."""
+
+    exit_code = 50
+
+
+class UnsupportedConfigError(QuantizeError, ValueError):
+    """The method cannot do what was asked (bits, group size, architecture, device)."""
+
+    exit_code = 51
+
+
+class ModelFormatError(QuantizeError, ValueError):
+    """The input is not a usable checkpoint (not a causal LM, already quantized, bad dtype, missing files)."""
+
+    exit_code = 52
+
+
+class OutputExistsError(QuantizeError, FileExistsError):
+    """The output directory exists (use --overwrite)."""
+
+    exit_code = 53
+
+
+class CalibrationError(QuantizeError, ValueError):
+    """Calibration data is missing, unreadable, too small, or does not match its pinned digest."""
+
+    exit_code = 54
+
+
+class ResourceError(QuantizeError, MemoryError):
+    """Out of GPU/CPU memory (the hint says what to lower)."""
+
+    exit_code = 55
 
 
 class DiskSpaceError(QtkError, OSError):

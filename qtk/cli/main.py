@@ -70,13 +70,15 @@ def exit_codes() -> None:
 
 
 def _register() -> None:
-    from . import hub
+    from . import hub, quantize
 
     cli.add_command(hub.login)
     cli.add_command(hub.whoami)
     cli.add_command(hub.logout)
     cli.add_command(hub.pull_cmd)
     cli.add_command(hub.serve)
+    cli.add_command(quantize.quantize_cmd)
+    cli.add_command(quantize.calibration)
 
 
 _register()

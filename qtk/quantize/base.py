@@ -1,0 +1,114 @@
+"""One interface for every quantization method.
+
+A method is one module that subclasses :class:`Method`, declares what it supports as class
+attributes, and registers itself in :mod:`qtk.quantize.registry`. Adding a method (llm-compressor
+W4A16, FP8, GGUF k-quants...) is a new module plus one registry line; the pipeline (validation,
+calibration, atomic output, model card, provenance) is shared.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import errors
+from .calibration import Samples
+from .source import SourceModel, check_group_size
+
+__all__ = ["QuantizeOptions", "Method", "RunContext"]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    method: str
+    bits: int = 4
+    group_size: int = 128
+    sym: bool | None = None  # None: the method's default (AWQ: asymmetric, as AutoAWQ GEMM checkpoints)
+    desc_act: bool = False
+    calibration: str = "chat"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    chat_template: bool | None = None  # None: when the tokenizer has one and the set is chat
+    text_field: str | None = None
+    allow_fewer: bool = False
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    model: SourceModel
+    options: QuantizeOptions
+    samples: Samples | None
+    device: str  # resolved: "cuda" or "cpu"
+    out: Path  # a temporary directory; the pipeline renames it into place
+
+
+class Method(ABC):
+    name: str
+    description: str
+    bits: tuple[int, ...] = (4,)
+    needs_calibration: bool = True
+    uses_group_size: bool = True
+    default_sym: bool = True
+    distribution: str  # the pip distribution that does the work (for versions and install hints)
+    modules: tuple[str, ...]  # import names that must be present
+    extra: str  # qtk extra that installs them
+    devices: tuple[str, ...] = ("cuda", "cpu")
+
+    def unavailable_reason(self) -> str | None:
+        missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed (pip install 'qtk[{self.extra}]')"
+        return None
+
+    def check_available(self) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            raise errors.BackendUnavailableError(
+                f"Method {self.name!r} needs {self.distribution}: {reason}.",
+                hint=f"Install it with: pip install 'qtk[{self.extra}]' (after torch).",
+            )
+
+    def versions(self) -> dict[str, str]:
+        out = {}
+        for dist in (self.distribution, "torch", "transformers"):
+            try:
+                out[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return out
+
+    def sym(self, options: QuantizeOptions) -> bool:
+        return self.default_sym if options.sym is None else options.sym
+
+    def validate(self, model: SourceModel, options: QuantizeOptions, device: str) -> None:
+        """Refuse early what the method cannot do. Subclasses extend it."""
+        if options.bits not in self.bits:
+            raise errors.UnsupportedConfigError(
+                f"{self.name} supports --bits {'/'.join(map(str, self.bits))}, not {options.bits}."
+            )
+        if device not in self.devices:
+            raise errors.UnsupportedConfigError(f"{self.name} does not run on {device}.")
+        if self.uses_group_size:
+            check_group_size(model, options.group_size)
+
+    @abstractmethod
+    def expected_config(self, options: QuantizeOptions) -> dict:
+        """The standard ``quantization_config`` the output must carry (checked after the run)."""
+
+    @abstractmethod
+    def run(self, ctx: RunContext) -> None:
+        """Quantize ``ctx.model`` and write the checkpoint (weights + config.json) into ``ctx.out``."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "description": self.description, "bits": list(self.bits),
+                "needs_calibration": self.needs_calibration, "default_sym": self.default_sym,
+                "library": self.distribution, "extra": self.extra, "devices": list(self.devices),
+                "available": self.unavailable_reason() is None, "why_not": self.unavailable_reason()}

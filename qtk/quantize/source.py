@@ -1,0 +1,166 @@
+"""The model to quantize: resolve it (local dir, or a repo id from the cache / pulled with qtk),
+and check it before any heavy work, from config.json and the safetensors headers only."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import errors
+from ..settings import Settings
+
+__all__ = ["SourceModel", "resolve_model", "safetensors_header", "check_group_size"]
+
+_FLOAT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_NOT_QUANTIZED = ("embed", "lm_head", "norm", "rotary")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file (tensor name -> dtype, shape, offsets)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise errors.ModelFormatError(f"{path} is not a safetensors file (too short).")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise errors.ModelFormatError(f"{path} is not a safetensors file (header length {n}).")
+        try:
+            return json.loads(fh.read(n))
+        except ValueError as exc:
+            raise errors.ModelFormatError(f"{path} has a corrupt safetensors header: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    path: Path
+    repo_id: str | None
+    commit: str | None
+    config: dict
+    weight_files: tuple[Path, ...]
+    tensors: dict  # name -> {"dtype", "shape"}
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "?")
+
+    @property
+    def dtype(self) -> str:
+        return self.config.get("torch_dtype") or self.config.get("dtype") or "?"
+
+    @property
+    def num_params(self) -> int:
+        n = 0
+        for t in self.tensors.values():
+            p = 1
+            for d in t["shape"]:
+                p *= d
+            n += p
+        return n
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+    def quantizable_linears(self) -> dict[str, tuple[int, int]]:
+        """Decoder-layer 2D weights (what GPTQ/AWQ/NF4 quantize): name -> (out, in)."""
+        out = {}
+        for name, t in self.tensors.items():
+            if (
+                name.endswith(".weight")
+                and len(t["shape"]) == 2
+                and ".layers." in name
+                and not any(k in name for k in _NOT_QUANTIZED)
+            ):
+                out[name[: -len(".weight")]] = (t["shape"][0], t["shape"][1])
+        return out
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "repo_id": self.repo_id, "commit": self.commit,
+                "architecture": self.architecture, "model_type": self.model_type, "dtype": self.dtype,
+                "num_params": self.num_params, "weight_bytes": self.weight_bytes}
+
+
+def _resolve_dir(spec: str, revision: str | None, settings: Settings) -> tuple[Path, str | None, str | None]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve(), None, None
+    if spec.count("/") != 1 or path.exists():
+        raise errors.ModelFormatError(f"{spec} is neither a model directory nor a repo id (namespace/name).")
+    from ..hub.download import plan_pull, pull
+
+    plan = plan_pull(
+        spec, revision=revision, settings=settings,
+        include=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.md"],
+    )
+    if plan.missing and not plan.offline:
+        pull(plan)
+    return plan.root, spec, plan.commit
+
+
+def resolve_model(spec: str, *, revision: str | None = None, settings: Settings | None = None) -> SourceModel:
+    """Find the checkpoint and validate it as a BF16/FP16/FP32 causal LM that is not quantized yet."""
+    settings = settings or Settings.from_env()
+    path, repo_id, commit = _resolve_dir(spec, revision, settings)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise errors.ModelFormatError(f"{path} has no config.json: not a Hugging Face checkpoint.")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise errors.ModelFormatError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise errors.ModelFormatError(
+            f"{path} is not a causal language model (architectures: {archs or 'none'}).",
+            hint="qtk quantize handles *ForCausalLM checkpoints.",
+        )
+    qc = config.get("quantization_config")
+    if qc:
+        raise errors.ModelFormatError(
+            f"{path} is already quantized (quant_method: {qc.get('quant_method', '?')}).",
+            hint="Quantize the original BF16/FP16 checkpoint instead.",
+        )
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in _FLOAT_DTYPES:
+        raise errors.ModelFormatError(f"{path} has dtype {dtype!r}; qtk quantizes bfloat16, float16 or float32 weights.")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in path.glob("*.bin"))
+        raise errors.ModelFormatError(
+            f"{path} has no .safetensors weights{' (found ' + ', '.join(other) + ')' if other else ''}.",
+            hint="Convert the checkpoint to safetensors (transformers save_pretrained does by default).",
+        )
+    tensors: dict = {}
+    for f in files:
+        for name, meta in safetensors_header(f).items():
+            if name != "__metadata__":
+                tensors[name] = {"dtype": meta["dtype"], "shape": meta["shape"]}
+    bad = sorted({t["dtype"] for t in tensors.values()} - set(_FLOAT_DTYPES.values()))
+    if bad:
+        raise errors.ModelFormatError(f"{path} holds tensors of dtype {', '.join(bad)}: not a float checkpoint.")
+    return SourceModel(path, repo_id, commit, config, tuple(files), tensors)
+
+
+def check_group_size(model: SourceModel, group_size: int) -> None:
+    """Every quantized layer's input width must be a multiple of the group size; otherwise the
+    checkpoint saves fine and only fails at reload ("K to be divisible by qGroupSize")."""
+    if group_size in (-1, 0):
+        return
+    if group_size < 0 or group_size & (group_size - 1):
+        raise errors.UnsupportedConfigError(f"--group-size must be a power of two or -1 (got {group_size}).")
+    linears = model.quantizable_linears()
+    for name, (_, k) in sorted(linears.items()):
+        if k % group_size:
+            widths = sorted({k for _, k in linears.values()})
+            ok = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+            raise errors.UnsupportedConfigError(
+                f"--group-size {group_size} does not divide the input width {k} of layer {name}.",
+                hint=f"Input widths here: {widths}. Group sizes that fit every layer: {ok or 'none of 32-256'} "
+                "(or -1: one group per row).",
+            )
