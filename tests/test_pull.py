@@ -362,3 +362,21 @@ def test_concurrent_pulls_of_the_same_repo(hub, hub_root, cache_dir):
     # for the other's lock and then found it done
     assert sum(r.stats.files_fetched for r in results) == 2
     assert sum(r.stats.bytes_downloaded for r in results) < 1.2 * (hub_root / "acme/big/model.safetensors").stat().st_size
+
+
+def test_pull_never_imports_torch(hub, cache_dir):
+    """`qtk pull` works with the base install: no torch, transformers or backend is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy; sys.argv = ['qtk', 'pull', 'acme/tiny', '-q']\n"
+        "try:\n    runpy.run_module('qtk', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'gptqmodel', 'bitsandbytes', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "HEAVY []"
