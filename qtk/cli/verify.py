@@ -1,0 +1,93 @@
+"""``qtk verify``: thin wrapper over :mod:`qtk.verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import errors
+from ._output import get_output
+
+__all__ = ["verify_cmd"]
+
+
+@click.command("verify")
+@click.argument("reference")
+@click.argument("candidates", nargs=-1)
+@click.option("--text", "text_spec", default="prose-heldout", show_default=True, metavar="NAME|FILE|hf://datasets/...",
+              help="Evaluation text: a named set (never used for calibration by default), a file, or a Hub dataset.")
+@click.option("--text-field", help="Field/column with the text in .jsonl/.parquet.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window size; the second half is scored.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Bound the work: tokens evaluated per model.")
+@click.option("--gguf-file", help="GGUF file name inside a repo-id argument (or write org/repo:FILE.gguf).")
+@click.option("--smoke/--no-smoke", default=True, show_default=True, help="Run the smoke generations.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="For HF models; GGUF always runs on the CPU through llama-cpp-python.")
+@click.option("--threads", type=int, help="llama.cpp threads (GGUF).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every number (plus hardware, versions, text sha256, protocol) to this file; '-' for stdout.")
+@click.option("--markdown", "md_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a Markdown report.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG: quality vs size on disk, and decode tokens/s.")
+@click.option("--max-ppl-increase", type=float, metavar="PCT", help="Gate: candidate perplexity at most PCT% above the reference.")
+@click.option("--max-kld", type=float, metavar="X", help="Gate: mean KL divergence from the reference at most X.")
+@click.option("--min-top1", type=float, metavar="PCT", help="Gate: top-1 agreement with the reference at least PCT%.")
+@click.option("--require-smoke", is_flag=True, help="Gate: every smoke answer non-empty, stopped, not looping.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gguf_file, smoke, max_new_tokens,
+               temperature, top_p, seed, device, threads, json_file, md_file, plot_file, max_ppl_increase, max_kld,
+               min_top1, require_smoke, quiet) -> None:
+    """Compare quantized models (and GGUF files) with a reference, with one protocol for every format.
+
+    Each model is a checkpoint dir, a repo id (from the cache; pulled with qtk if missing), or a GGUF
+    file (path.gguf, or org/repo:FILE.gguf). Measures: perplexity (llama.cpp's protocol: windows of
+    --ctx tokens, second half scored, ± standard error), KL divergence of each candidate's next-token
+    distribution from the reference's (mean, median, p99) and top-1 agreement, smoke generations
+    through the chat template, and cost (load time, prefill/decode tokens/s, TTFT, size).
+
+    \b
+    Exit codes: 0 all gates passed, 3 a gate failed (the model and gate are named), others: errors.
+    \b
+    Examples:
+      qtk verify ./smol-bf16 ./smol-gptq ./smol-nf4 SmolLM2-135M-Instruct.Q4_1.gguf --markdown report.md
+      qtk verify meta-llama/Llama-3.1-8B-Instruct ./llama-awq --max-ppl-increase 5 --min-top1 90 --json r.json
+    """
+    from ..verify import report as render
+    from ..verify.run import Gates, VerifyOptions, check_gates, gate_error, verify
+
+    out = get_output()
+    if quiet:
+        out.quiet = True
+    if not candidates and any(x is not None for x in (max_ppl_increase, max_kld, min_top1)):
+        raise errors.UsageError("Gates compare candidates with the reference: give at least one candidate.")
+    opts = VerifyOptions(text=text_spec, text_field=text_field, ctx=ctx, max_tokens=max_tokens, smoke=smoke,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         device=device, threads=threads)
+    report = verify(reference, list(candidates), opts, gguf_file=gguf_file, log=out.info)
+    failures = check_gates(report, Gates(max_ppl_increase, max_kld, min_top1, require_smoke))
+    report["gates"] = {"max_ppl_increase_pct": max_ppl_increase, "max_kld": max_kld, "min_top1_pct": min_top1,
+                       "require_smoke": require_smoke, "failures": failures, "passed": not failures}
+    if json_file is not None:
+        if str(json_file) == "-":
+            click.echo(json.dumps(report, indent=2, default=str))
+        else:
+            json_file.write_text(json.dumps(report, indent=2, default=str))
+    if md_file is not None:
+        md_file.write_text(render.markdown(report))
+    if plot_file is not None:
+        render.plot(report, plot_file)
+    if str(json_file) != "-":
+        out.err.print(render.table(report))
+        if smoke and not quiet:
+            for m in report["models"]:
+                for s in m["smoke"]:
+                    mark = "ok " if s["ok"] else "BAD"
+                    out.err.print(f"  [{mark}] {m['name'][:28]:<28} {s['name']:<12} {s['answer'][:70]!r}", markup=False)
+    if failures:
+        raise gate_error(failures)

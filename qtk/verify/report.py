@@ -1,0 +1,120 @@
+"""Render a verify report: a rich table, Markdown, and a PNG plot (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+__all__ = ["table", "markdown", "plot", "rows"]
+
+COLUMNS = ("model", "format", "size MB", "ppl ± se", "Δppl", "KLD mean", "KLD p99", "top-1", "smoke ok",
+           "correct", "prefill tok/s", "decode tok/s", "TTFT s", "load s")
+
+
+def rows(report: dict) -> list[list[str]]:
+    ref_ppl = report["models"][0]["perplexity"]["ppl"]
+    out = []
+    for m in report["models"]:
+        p, kl, smoke = m["perplexity"], m.get("kl"), m.get("smoke") or []
+        dec = [s["decode_tps"] for s in smoke if s["decode_tps"]]
+        ttft = [s["ttft_s"] for s in smoke]
+        out.append([
+            m["name"] + (" (ref)" if m["role"] == "reference" else ""),
+            m["format"],
+            f"{m['size_bytes'] / 1e6:.0f}",
+            f"{p['ppl']:.3f} ± {p['stderr']:.3f}",
+            "—" if m["role"] == "reference" else f"{(p['ppl'] / ref_ppl - 1) * 100:+.1f}%",
+            f"{kl['mean']:.4f}" if kl else "—",
+            f"{kl['p99']:.3f}" if kl else "—",
+            f"{kl['top1_agreement'] * 100:.1f}%" if kl else "—",
+            f"{sum(s['ok'] for s in smoke)}/{len(smoke)}" if smoke else "—",
+            f"{sum(bool(s['correct']) for s in smoke)}/{len(smoke)}" if smoke else "—",
+            f"{m['prefill_tps']:.0f}",
+            f"{sum(dec) / len(dec):.1f}" if dec else "—",
+            f"{sum(ttft) / len(ttft):.2f}" if ttft else "—",
+            f"{m['load_s']:.1f}",
+        ])
+    return out
+
+
+def table(report: dict) -> Table:
+    t = Table(title=f"qtk verify — text {report['protocol']['text']} (ctx {report['protocol']['ctx']}, "
+                    f"second half scored), device {report['hardware']['device']}")
+    for c in COLUMNS:
+        t.add_column(c, justify="left" if c in ("model", "format") else "right")
+    for r, m in zip(rows(report), report["models"]):
+        style = "red" if m.get("gate_failures") else None
+        t.add_row(*r, style=style)
+    return t
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# qtk verify report",
+        "",
+        f"Text: `{report['protocol']['text']}` (sha256 `{report['protocol']['text_sha256'][:16]}…`), "
+        f"windows of {report['protocol']['ctx']} tokens, second half scored; KL on the reference's tokens. "
+        f"Device: {report['hardware']['device']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    notes = []
+    for m in report["models"]:
+        if m.get("tokenization_match") is not None and m["tokenization_match"] < 1.0:
+            notes.append(f"- {m['name']} tokenizes the text differently from the reference (identical for the first "
+                         f"{m['tokenization_match'] * 100:.1f}% of the reference's tokens; {m['tokens_in_text']} vs "
+                         f"{report['models'][0]['tokens_in_text']} tokens): its perplexity uses its own tokens; KL and "
+                         "top-1 use the reference's.")
+        for g in m.get("gate_failures") or []:
+            notes.append(f"- **gate failed** for {m['name']}: {g}")
+    if notes:
+        lines += ["", *notes]
+    if any(m.get("smoke") for m in report["models"]):
+        lines += ["", "## Smoke answers", ""]
+        names = [s["name"] for s in report["models"][0]["smoke"]]
+        lines += ["| prompt | " + " | ".join(m["name"] for m in report["models"]) + " |",
+                  "|---|" + "---|" * len(report["models"])]
+        for i, name in enumerate(names):
+            cells = []
+            for m in report["models"]:
+                s = m["smoke"][i]
+                flag = "" if s["ok"] else " ⚠"
+                cells.append((s["answer"][:80].replace("|", "\\|").replace("\n", " ") or "(empty)") + flag)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = report["models"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in ms:
+        x, y = m["size_bytes"] / 1e6, m["perplexity"]["ppl"]
+        a.errorbar(x, y, yerr=m["perplexity"]["stderr"], fmt="o", capsize=3)
+        a.annotate(f"{m['name'].split('/')[-1][:24]}\n({m['format']})", (x, y), textcoords="offset points",
+                   xytext=(6, 4), fontsize=8)
+    a.set_xlabel("size on disk (MB)")
+    a.set_ylabel(f"perplexity (ctx {report['protocol']['ctx']}, lower is better)")
+    a.set_title("quality vs size")
+    a.grid(alpha=0.3)
+    dec = []
+    for m in ms:
+        v = [s["decode_tps"] for s in m.get("smoke") or [] if s["decode_tps"]]
+        dec.append(sum(v) / len(v) if v else 0.0)
+    labels = [f"{m['name'].split('/')[-1][:18]}\n{m['format']}" for m in ms]
+    b.bar(range(len(ms)), dec, color="tab:blue")
+    b.set_xticks(range(len(ms)), labels, fontsize=8)
+    b.set_ylabel("decode tokens/s")
+    b.set_title(f"decode speed ({report['hardware']['device']})")
+    b.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

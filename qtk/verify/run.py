@@ -1,0 +1,204 @@
+"""``qtk verify``: one protocol for every model — perplexity, KL vs the reference, smoke generation,
+cost — then gates.
+
+All models are loaded once; the text is processed window by window, so only one window of
+whole-vocab logits per model is alive at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+
+from .. import __version__, errors
+from .kl import KLAccumulator
+from .models import Model, _rss_bytes, open_model
+from .perplexity import summarize, token_nll, windows
+from .smoke import run_smoke
+
+__all__ = ["VerifyOptions", "Gates", "verify", "check_gates", "load_text"]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    text: str = "prose-heldout"  # a named set, a .txt/.jsonl/.parquet file, or hf://datasets/...
+    text_field: str | None = None
+    ctx: int = 512
+    max_tokens: int | None = 4096
+    smoke: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Gates:
+    max_ppl_increase_pct: float | None = None
+    max_kld: float | None = None
+    min_top1_pct: float | None = None
+    require_smoke: bool = False
+
+
+@dataclass
+class ModelReport:
+    name: str
+    format: str
+    role: str  # "reference" or "candidate"
+    size_bytes: int
+    load_s: float
+    rss_delta_bytes: int | None
+    tokens_in_text: int
+    perplexity: dict
+    prefill_tps: float
+    kl: dict | None = None
+    compute_dtype: str | None = None
+    tokenization_match: float | None = None  # share of the reference's token ids this model reproduces
+    smoke: list[dict] = field(default_factory=list)
+    gate_failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def load_text(spec: str, text_field: str | None) -> tuple[str, str]:
+    """(text, sha256) from a named set, a file, or a hub dataset (qtk's calibration readers)."""
+    from ..quantize.calibration import load_calibration
+
+    cal = load_calibration(spec, text_field=text_field)
+    docs = [d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in cal.documents]
+    text = "\n\n".join(docs)
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _resolve_device(device: str) -> str:
+    if device in ("cpu", "cuda"):
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _evaluate(model: Model, ids: list[int], opts: VerifyOptions, ref: Model | None, ref_ids: list[int] | None,
+              kl: KLAccumulator | None):
+    """Perplexity on the model's own tokens; KL on the reference's tokens (window by window)."""
+    nlls, t_eval, n_eval = [], 0.0, 0
+    for w in windows(ids, opts.ctx, bos_id=model.bos_id, add_bos=model.add_bos, max_tokens=opts.max_tokens):
+        t0 = time.monotonic()
+        logits = model.logits(w.ids)
+        t_eval += time.monotonic() - t0
+        n_eval += len(w.ids)
+        nlls.append(token_nll(logits, w))
+    if ref is not None and kl is not None and ref_ids is not None:
+        for w in windows(ref_ids, opts.ctx, bos_id=ref.bos_id, add_bos=ref.add_bos, max_tokens=opts.max_tokens):
+            kl.add(ref.logits(w.ids), model.logits(w.ids), w)
+    return summarize(nlls, len(ids)), n_eval / t_eval if t_eval else 0.0
+
+
+def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_file: str | None = None,
+           log=lambda s: None) -> dict:
+    text, text_sha = load_text(opts.text, opts.text_field)
+    device = _resolve_device(opts.device)
+    n_ctx = max(opts.ctx, 4096)
+    from pathlib import Path
+
+    from .models import detect_format
+
+    for spec in [reference, *candidates]:  # refuse a bad file before loading anything
+        if Path(spec).exists():
+            detect_format(Path(spec))
+    models: list[tuple[str, Model, int | None]] = []
+    for i, spec in enumerate([reference, *candidates]):
+        before = _rss_bytes()
+        log(f"loading {spec} ...")
+        repo_file = None
+        if ":" in spec and not spec.startswith(("/", ".")):  # org/repo:file.gguf
+            spec, repo_file = spec.split(":", 1)
+        elif gguf_file and spec.count("/") == 1 and not spec.endswith(".gguf"):
+            repo_file = None if Path(spec).exists() else gguf_file
+        m = open_model(spec, gguf_file=repo_file, device=device, threads=opts.threads, n_ctx=n_ctx)
+        after = _rss_bytes()
+        models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
+    ref = models[0][1]
+    ref_ids = ref.tokenize(text)
+    reports = []
+    for role, m, rss in models:
+        ids = ref_ids if m is ref else m.tokenize(text)
+        log(f"perplexity{' + KL' if m is not ref else ''}: {m.name} ...")
+        kl = None
+        match = None
+        if m is not ref:
+            # share of the reference's ids reproduced before the first difference (one differing
+            # token shifts everything after it, so a position-wise count would mean nothing)
+            n = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+            match = 1.0 if ids == ref_ids else n / max(len(ref_ids), 1)
+            if m.vocab_size == ref.vocab_size or abs(m.vocab_size - ref.vocab_size) < 512:
+                kl = KLAccumulator()
+        ppl, prefill = _evaluate(m, ids, opts, ref if kl else None, ref_ids, kl)
+        rep = ModelReport(m.name, m.format, role, m.size_bytes, m.load_s, rss, len(ids), ppl.to_dict(), prefill,
+                          kl.result().to_dict() if kl else None, getattr(m, "compute_dtype", None), match)
+        if opts.smoke:
+            log(f"smoke generation: {m.name} ...")
+            rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
+                                                        temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)]
+        reports.append(rep)
+    return {
+        "qtk_version": __version__,
+        "protocol": {"ctx": opts.ctx, "scored": "second half of each window", "max_tokens": opts.max_tokens,
+                     "text": opts.text, "text_sha256": text_sha, "bos": "as each model's tokenizer adds it",
+                     "kl_on": "the reference's token ids", "smoke_max_new_tokens": opts.max_new_tokens,
+                     "temperature": opts.temperature, "top_p": opts.top_p, "seed": opts.seed},
+        "hardware": {"device": device, "machine": platform.machine(), "processor": platform.processor(),
+                     "python": platform.python_version()},
+        "versions": _versions(),
+        "models": [r.to_dict() for r in reports],
+    }
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"qtk": __version__}
+    for d in ("torch", "transformers", "gptqmodel", "bitsandbytes", "llama_cpp_python"):
+        try:
+            out[d] = md.version(d.replace("_", "-"))
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_gates(report: dict, gates: Gates) -> list[str]:
+    """Annotate each candidate with its failed gates; return all failures ('model: gate ...')."""
+    models = report["models"]
+    ref_ppl = models[0]["perplexity"]["ppl"]
+    failures = []
+    for m in models[1:]:
+        f = m["gate_failures"]
+        inc = (m["perplexity"]["ppl"] / ref_ppl - 1) * 100
+        if gates.max_ppl_increase_pct is not None and inc > gates.max_ppl_increase_pct:
+            f.append(f"perplexity +{inc:.1f}% > {gates.max_ppl_increase_pct}%")
+        kl = m.get("kl")
+        if gates.max_kld is not None and (kl is None or kl["mean"] > gates.max_kld):
+            f.append(f"mean KLD {kl['mean']:.4f} > {gates.max_kld}" if kl else "KLD not measurable (vocabularies differ)")
+        if gates.min_top1_pct is not None and (kl is None or kl["top1_agreement"] * 100 < gates.min_top1_pct):
+            f.append(f"top-1 agreement {kl['top1_agreement'] * 100:.1f}% < {gates.min_top1_pct}%" if kl
+                     else "top-1 not measurable")
+        if gates.require_smoke and (not m["smoke"] or not all(s["ok"] for s in m["smoke"])):
+            bad = [s["name"] for s in m["smoke"] if not s["ok"]] or ["(smoke not run)"]
+            f.append(f"smoke failed: {', '.join(bad)}")
+        failures += [f"{m['name']}: {x}" for x in f]
+    return failures
+
+
+def gate_error(failures: list[str]) -> errors.GateFailedError:
+    return errors.GateFailedError(
+        f"{len(failures)} quality gate(s) failed:\n  " + "\n  ".join(failures),
+        hint="Loosen the gate, or try another method / group size / calibration set.",
+    )
