@@ -1,5 +1,5 @@
 """The main job on the embedded default, offline: serve the shipped SmolLM2-135M-Instruct from a local
-Hub mirror, `qtk pull` it like any Hub repo, `qtk quantize` it (GPTQ and NF4), and report quality.
+Hub mirror, `qtk pull` it like any Hub repo, `qtk quantize` it (GPTQ and NF4), and `qtk verify` every result against BF16 and the shipped GGUF.
 
     bash scripts/demo.sh                  # sets up .venv, then runs this
     .venv/bin/python scripts/demo.py      # if .venv is already set up
@@ -11,7 +11,6 @@ pulls transfer nothing, finished quantizations are reused.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -48,22 +47,6 @@ def qtk(*args: str, env: dict) -> dict:
     return json.loads(r.stdout)
 
 
-def evaluate(path: Path, ids: list[int]) -> tuple[float, str]:
-    """Perplexity on held-out text (4 x 256 tokens) and the greedy answer to a chat question."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cpu").eval()
-    x = torch.tensor([ids[i : i + 256] for i in range(0, 1024, 256)])
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        ppl = math.exp(model(x, labels=x).loss.float().item())
-        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-    return ppl, tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def main() -> int:
     store = WORK / "mirror"
     stage_mirror(store)
@@ -95,20 +78,18 @@ def main() -> int:
         server.terminate()
         server.wait()
 
-    from transformers import AutoTokenizer
-
-    from qtk.quantize.calibration import load_calibration
-
-    tok = AutoTokenizer.from_pretrained(snapshot)
-    ids = tok("\n\n".join(load_calibration("prose-heldout").documents))["input_ids"][:1024]
-    print("\n4. report (held-out prose, 1024 tokens; greedy chat answer)")
-    print(f"   {'model':<6} {'size MB':>8} {'ppl':>7} {'x BF16':>7}  answer to 'What is the capital of France?'")
-    base = None
-    for name, path in outputs.items():
-        size = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
-        ppl, answer = evaluate(path, ids)
-        base = base or ppl
-        print(f"   {name:<6} {size / 1e6:8.1f} {ppl:7.2f} {ppl / base:6.2f}x  {answer[:60]!r}")
+    gguf = str(WORK / "hf-home" / "hub" / f"models--{GGUF_REPO.replace('/', '--')}" / "snapshots")
+    gguf = str(next(Path(gguf).glob(f"*/{GGUF_NAME}")))
+    report = WORK / "report"
+    report.mkdir(exist_ok=True)
+    print("4. qtk verify: BF16 (reference) vs GPTQ vs NF4 vs the Q4_1 GGUF (llama.cpp) ...", flush=True)
+    r = subprocess.run([sys.executable, "-m", "qtk", "verify", str(outputs["bf16"]), str(outputs["gptq"]),
+                        str(outputs["nf4"]), gguf, "--max-tokens", "2048", "--max-ppl-increase", "40",
+                        "--json", str(report / "report.json"), "--markdown", str(report / "report.md"),
+                        "--plot", str(report / "report.png"), "--quiet"], env=env)
+    print(f"\nreport: {report / 'report.md'}  plot: {report / 'report.png'}  json: {report / 'report.json'}")
+    if r.returncode not in (0, 3):
+        return r.returncode
     return 0
 
 

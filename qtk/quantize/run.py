@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__, errors
+from .._stdio import stdout_to_stderr
 from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from .calibration import Samples, build_samples, load_calibration
@@ -74,24 +75,6 @@ def _peak_rss_bytes() -> int | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return None
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """Backends print to stdout; qtk's stdout is for the result (a path or --json), so send theirs
-    to stderr, at the file-descriptor level to catch native code too."""
-    import sys
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -223,7 +206,7 @@ def quantize(
             torch.cuda.reset_peak_memory_stats()
         t_run = time.monotonic()
         try:
-            with _stdout_to_stderr():
+            with stdout_to_stderr():
                 method.run(RunContext(model, options, samples, device, tmp))
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(

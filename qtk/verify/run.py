@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__, errors
+from .._stdio import stdout_to_stderr
 from .kl import KLAccumulator
 from .models import Model, _rss_bytes, open_model
 from .perplexity import summarize, token_nll, windows
@@ -123,7 +124,8 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
             spec, repo_file = spec.split(":", 1)
         elif gguf_file and spec.count("/") == 1 and not spec.endswith(".gguf"):
             repo_file = None if Path(spec).exists() else gguf_file
-        m = open_model(spec, gguf_file=repo_file, device=device, threads=opts.threads, n_ctx=n_ctx)
+        with stdout_to_stderr():
+            m = open_model(spec, gguf_file=repo_file, device=device, threads=opts.threads, n_ctx=n_ctx)
         after = _rss_bytes()
         models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
     ref = models[0][1]
@@ -146,8 +148,10 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
                           kl.result().to_dict() if kl else None, getattr(m, "compute_dtype", None), match)
         if opts.smoke:
             log(f"smoke generation: {m.name} ...")
-            rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
-                                                        temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)]
+            with stdout_to_stderr():
+                rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
+                                                            temperature=opts.temperature, top_p=opts.top_p,
+                                                            seed=opts.seed)]
         reports.append(rep)
     return {
         "qtk_version": __version__,
