@@ -144,3 +144,29 @@ def test_llama_cpp_missing_names_the_extra(monkeypatch, gguf):
     with pytest.raises(errors.BackendUnavailableError) as e:
         open_model(gguf)
     assert "qtk[gguf]" in e.value.hint
+
+
+def test_chat_with_piped_stdin(smol_bf16):
+    """qtk chat reads one turn per line from a pipe, streams answers to stdout, keeps the history,
+    honours /reset, and ends cleanly at EOF."""
+    import subprocess
+    import sys
+
+    turns = "What is the capital of France?\nRepeat the name of that city.\n/reset\n"
+    r = subprocess.run([sys.executable, "-m", "qtk", "chat", str(smol_bf16), "--max-new-tokens", "24"],
+                       input=turns, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2 and "Paris" in answers[0]
+    assert "conversation reset" in r.stderr
+
+
+def test_gguf_chat_prompt_matches_the_hf_template(smol_bf16, gguf):
+    """The GGUF's own template renders the same prompt tokens as transformers' chat template (no
+    extra BOS, which llama-cpp-python's chat handler would prepend)."""
+    from qtk.verify.models import open_model
+
+    g, h = open_model(gguf), open_model(str(smol_bf16))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    hf_ids = list(h.tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert g._prompt(msgs) == hf_ids

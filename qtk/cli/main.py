@@ -72,7 +72,7 @@ def exit_codes() -> None:
 
 
 def _register() -> None:
-    from . import hub, quantize, verify
+    from . import chat, hub, quantize, verify
 
     cli.add_command(hub.login)
     cli.add_command(hub.whoami)
@@ -82,6 +82,7 @@ def _register() -> None:
     cli.add_command(quantize.quantize_cmd)
     cli.add_command(quantize.calibration)
     cli.add_command(verify.verify_cmd)
+    cli.add_command(chat.chat_cmd)
 
 
 _register()

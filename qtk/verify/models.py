@@ -14,6 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -89,6 +90,11 @@ class Model(ABC):
     @abstractmethod
     def chat(self, messages: list[dict], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0) -> Generation: ...
+
+    @abstractmethod
+    def stream(self, messages: list[dict], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0) -> Iterator[str]:
+        """Yield the answer's text as it is generated (qtk chat)."""
 
     @property
     def size_bytes(self) -> int:
@@ -174,6 +180,31 @@ class HFModel(Model):
         decode_tps = (n - 1) / max(total - ttft, 1e-9) if n > 1 else 0.0
         return Generation(self.tok.decode(new, skip_special_tokens=True).strip(), n, stopped, ttft, decode_tps, n_prompt)
 
+    def stream(self, messages, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0) -> Iterator[str]:
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        torch = self.torch
+        enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        torch.manual_seed(seed)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, streamer=streamer,
+                  eos_token_id=self.terminators or None,
+                  pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.terminators or [0])[0])
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p)
+
+        def run() -> None:
+            with torch.no_grad():
+                self.model.generate(**enc, **kw)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+
 
 class GGUFModel(Model):
     compute_dtype = "llama.cpp"
@@ -197,6 +228,7 @@ class GGUFModel(Model):
         self.add_bos = str(meta.get("tokenizer.ggml.add_bos_token", "true")).lower() == "true"
         self.terminators = sorted({self.llm.token_eos(), *(int(v) for k, v in meta.items() if k.endswith("eot_token_id"))})
         self.vocab_size = self.llm.n_vocab()
+        self._formatter = None
         self.load_s = time.monotonic() - t0
 
     def tokenize(self, text: str) -> list[int]:
@@ -207,26 +239,52 @@ class GGUFModel(Model):
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def chat(self, messages, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0) -> Generation:
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        """The chat prompt through the GGUF's own template, with BOS only if the model adds one.
+        (llama-cpp-python's chat handler prepends BOS regardless of ``add_bos_token``; for SmolLM2
+        that doubles ``<|im_start|>`` and derails the answers.)"""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self._formatter is None:
+            template = self.llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise errors.ModelFormatError(f"{self.path.name} has no chat template in its metadata.")
+            piece = lambda i: self.llm.detokenize([i]).decode("utf-8", "replace")  # noqa: E731
+            self._formatter = Jinja2ChatFormatter(template, eos_token=piece(self.llm.token_eos()),
+                                                  bos_token=piece(self.bos_id), add_generation_prompt=True)
+        text = self._formatter(messages=messages).prompt
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
+
+    def _completion(self, messages, max_new_tokens, temperature, top_p, seed):
         self.llm.reset()
+        prompt = self._prompt(messages)
+        chunks = self.llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                            seed=seed, stream=True)
+        return prompt, chunks
+
+    def chat(self, messages, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0) -> Generation:
         t0 = time.monotonic()
+        prompt, chunks = self._completion(messages, max_new_tokens, temperature, top_p, seed)
         ttft, pieces, finish = None, [], None
-        for chunk in self.llm.create_chat_completion(messages, max_tokens=max_new_tokens, temperature=temperature,
-                                                     top_p=top_p, seed=seed, stream=True):
+        for chunk in chunks:
             choice = chunk["choices"][0]
-            delta = choice.get("delta", {}).get("content")
-            if delta:
+            if choice.get("text"):
                 if ttft is None:
                     ttft = time.monotonic() - t0
-                pieces.append(delta)
+                pieces.append(choice["text"])
             finish = choice.get("finish_reason") or finish
         total = time.monotonic() - t0
         text = "".join(pieces).strip()
         n = len(self.tokenize(text)) + int(finish == "stop")
         ttft = ttft if ttft is not None else total
         decode_tps = (n - 1) / max(total - ttft, 1e-9) if n > 1 else 0.0
-        prompt_tokens = self.llm.n_tokens - n if self.llm.n_tokens else 0
-        return Generation(text, n, finish == "stop", ttft, decode_tps, max(prompt_tokens, 0))
+        return Generation(text, n, finish == "stop", ttft, decode_tps, len(prompt))
+
+    def stream(self, messages, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0) -> Iterator[str]:
+        _, chunks = self._completion(messages, max_new_tokens, temperature, top_p, seed)
+        for chunk in chunks:
+            if chunk["choices"][0].get("text"):
+                yield chunk["choices"][0]["text"]
 
 
 def open_model(spec: str, *, gguf_file: str | None = None, device: str = "cpu", threads: int | None = None,
