@@ -50,7 +50,7 @@ def main() -> None:
 
     def qtk_path(model):
         ids = model.tokenize(text)
-        nll = [token_nll(model.logits(w.ids), w) for w in
+        nll = [token_nll(model.logits(w.ids, start=w.first), w) for w in
                windows(ids, args.ctx, bos_id=model.bos_id, add_bos=model.add_bos, max_tokens=args.tokens)]
         return math.exp(float(np.concatenate(nll).mean())), sum(len(w) for w in nll) * 2
 

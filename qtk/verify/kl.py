@@ -31,11 +31,12 @@ class KLAccumulator:
     positions: int = 0
 
     def add(self, ref_logits: np.ndarray, cand_logits: np.ndarray, w: Window) -> None:
-        stop = len(w.ids) - 1
+        """Both logits from position ``w.first`` on (``Model.logits(ids, start=w.first)``)."""
+        n = len(w.ids) - 1 - w.first
         vocab = min(ref_logits.shape[-1], cand_logits.shape[-1])  # padded vocabularies: compare the shared part
-        p = log_softmax(ref_logits[w.first : stop, :vocab].astype(np.float64))
-        q = log_softmax(cand_logits[w.first : stop, :vocab].astype(np.float64))
-        kl = (np.exp(p) * (p - q)).sum(axis=-1)
+        p = log_softmax(ref_logits[:n, :vocab])
+        q = log_softmax(cand_logits[:n, :vocab])
+        kl = (np.exp(p) * (p - q)).sum(axis=-1, dtype=np.float64)
         self.values.append(np.maximum(kl, 0.0).astype(np.float32))
         self.same_top1 += int((p.argmax(-1) == q.argmax(-1)).sum())
         self.positions += len(kl)

@@ -85,7 +85,8 @@ class Model(ABC):
     def tokenize(self, text: str) -> list[int]: ...
 
     @abstractmethod
-    def logits(self, ids: list[int]) -> np.ndarray: ...
+    def logits(self, ids: list[int], start: int = 0) -> np.ndarray:
+        """float32 logits for positions ``start..len(ids)-1`` (only what will be scored is copied out)."""
 
     @abstractmethod
     def chat(self, messages: list[dict], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -128,6 +129,10 @@ class HFModel(Model):
             ).eval()
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(f"{name} does not fit in GPU memory.", hint="Use --device cpu or a bigger GPU.") from exc
+        except MemoryError as exc:
+            raise errors.ResourceError(
+                f"{name} does not fit in CPU memory ({self.size_bytes / 1e9:.1f} GB of weights on disk).",
+                hint="Compare fewer models at once, or use a machine with more memory.") from exc
         except ImportError as exc:
             raise errors.BackendUnavailableError(f"Loading {name} ({fmt}) needs a backend: {exc}",
                                                  hint="pip install 'qtk[quantize]' (after torch).") from exc
@@ -144,40 +149,64 @@ class HFModel(Model):
         self.bos_id = self.tok.bos_token_id
         self.add_bos = bool(self.bos_id is not None and probe and probe[0] == self.bos_id)
         self.vocab_size = self.model.config.vocab_size
+        self._warm = False
         self.load_s = time.monotonic() - t0
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], start: int = 0) -> np.ndarray:
         torch = self.torch
         x = torch.tensor([ids], device=self.model.device)
         with torch.no_grad():
-            return self.model(x).logits[0].float().cpu().numpy()
+            return self.model(x).logits[0, start:].float().cpu().numpy()
+
+    def _gen_kwargs(self, max_new_tokens, temperature, top_p) -> dict:
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.terminators or [0])[0]
+        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=self.terminators or None,
+                  pad_token_id=pad)
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p)
+        return kw
 
     def chat(self, messages, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0) -> Generation:
+        from transformers.generation.streamers import BaseStreamer
+
         torch = self.torch
         enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         n_prompt = enc["input_ids"].shape[1]
+        if not self._warm:  # the first generate() on a CPU pays one-off costs: keep them out of the timings
+            with torch.no_grad():
+                self.model.generate(**enc, **self._gen_kwargs(1, 0.0, 1.0))
+            self._warm = True
+
+        class Clock(BaseStreamer):  # time of every generated token, from inside the one generate() call
+            def __init__(self):
+                self.times: list[float] = []
+                self.prompt_seen = False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    self.times.append(time.monotonic())
+                self.prompt_seen = True
+
+            def end(self):
+                pass
+
+        clock = Clock()
         torch.manual_seed(seed)
-        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=self.terminators or None,
-                  pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.terminators or [0])[0])
-        if temperature > 0:
-            kw.update(temperature=temperature, top_p=top_p)
         with torch.no_grad():
             t0 = time.monotonic()
-            self.model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=kw["pad_token_id"])
-            ttft = time.monotonic() - t0
-            t1 = time.monotonic()
-            out = self.model.generate(**enc, **kw)
-            total = time.monotonic() - t1
+            out = self.model.generate(**enc, **self._gen_kwargs(max_new_tokens, temperature, top_p), streamer=clock)
         new = out[0, n_prompt:].tolist()
         stopped = bool(new) and new[-1] in self.terminators
+        n = len(new)
         if stopped:
             new = new[:-1]
-        n = len(new) + int(stopped)
-        decode_tps = (n - 1) / max(total - ttft, 1e-9) if n > 1 else 0.0
+        ttft = clock.times[0] - t0 if clock.times else 0.0
+        span = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else 0.0
+        decode_tps = (len(clock.times) - 1) / span if span > 0 else 0.0
         return Generation(self.tok.decode(new, skip_special_tokens=True).strip(), n, stopped, ttft, decode_tps, n_prompt)
 
     def stream(self, messages, *, max_new_tokens, temperature=0.0, top_p=1.0, seed=0) -> Iterator[str]:
@@ -190,11 +219,7 @@ class HFModel(Model):
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         torch.manual_seed(seed)
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, streamer=streamer,
-                  eos_token_id=self.terminators or None,
-                  pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.terminators or [0])[0])
-        if temperature > 0:
-            kw.update(temperature=temperature, top_p=top_p)
+        kw = {**self._gen_kwargs(max_new_tokens, temperature, top_p), "streamer": streamer}
 
         def run() -> None:
             with torch.no_grad():
@@ -234,10 +259,10 @@ class GGUFModel(Model):
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], start: int = 0) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        return np.array(self.llm.scores[start : len(ids)], dtype=np.float32)
 
     def _prompt(self, messages: list[dict]) -> list[int]:
         """The chat prompt through the GGUF's own template, with BOS only if the model adds one.

@@ -46,16 +46,21 @@ def windows(ids: list[int], ctx: int, *, bos_id: int | None, add_bos: bool, max_
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    m = logits.max(axis=-1, keepdims=True)
-    shifted = logits - m
+    """Row-wise log-softmax in float32 (stable: max subtracted; float64 cost 4x for no visible gain)."""
+    x = np.asarray(logits, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def token_nll(logits: np.ndarray, w: Window) -> np.ndarray:
-    """Negative log-likelihood of each scored token of the window (float64)."""
-    lp = log_softmax(logits[w.first : len(w.ids) - 1].astype(np.float64))
+    """Negative log-likelihood of each scored token of the window.
+
+    ``logits`` are the model's logits from position ``w.first`` on (``Model.logits(ids, start=w.first)``).
+    """
+    scored = logits[: len(w.ids) - 1 - w.first]
+    lp = log_softmax(scored)
     targets = np.asarray(w.ids[w.first + 1 :])
-    return -lp[np.arange(len(targets)), targets]
+    return -lp[np.arange(len(targets)), targets].astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,17 @@ COLUMNS = ("model", "format", "size MB", "ppl ± se", "Δppl", "KLD mean", "KLD 
            "correct", "prefill tok/s", "decode tok/s", "TTFT s", "load s")
 
 
+def short_name(name: str) -> str:
+    """A readable label: org/repo for a cache snapshot, the file or folder name otherwise."""
+    parts = name.rstrip("/").split("/")
+    for i, p in enumerate(parts):
+        if p.startswith(("models--", "datasets--")) and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            repo = p.split("--", 1)[1].replace("--", "/")
+            rest = parts[i + 3:]
+            return repo + (f":{'/'.join(rest)}" if rest else "")
+    return parts[-1] if "/" in name and not (len(parts) == 2 and not name.startswith((".", "/"))) else name
+
+
 def rows(report: dict) -> list[list[str]]:
     ref_ppl = report["models"][0]["perplexity"]["ppl"]
     out = []
@@ -20,7 +31,7 @@ def rows(report: dict) -> list[list[str]]:
         dec = [s["decode_tps"] for s in smoke if s["decode_tps"]]
         ttft = [s["ttft_s"] for s in smoke]
         out.append([
-            m["name"] + (" (ref)" if m["role"] == "reference" else ""),
+            short_name(m["name"]) + (" (ref)" if m["role"] == "reference" else ""),
             m["format"],
             f"{m['size_bytes'] / 1e6:.0f}",
             f"{p['ppl']:.3f} ± {p['stderr']:.3f}",
@@ -76,7 +87,7 @@ def markdown(report: dict) -> str:
     if any(m.get("smoke") for m in report["models"]):
         lines += ["", "## Smoke answers", ""]
         names = [s["name"] for s in report["models"][0]["smoke"]]
-        lines += ["| prompt | " + " | ".join(m["name"] for m in report["models"]) + " |",
+        lines += ["| prompt | " + " | ".join(short_name(m["name"]) for m in report["models"]) + " |",
                   "|---|" + "---|" * len(report["models"])]
         for i, name in enumerate(names):
             cells = []
@@ -99,7 +110,7 @@ def plot(report: dict, path: Path) -> None:
     for m in ms:
         x, y = m["size_bytes"] / 1e6, m["perplexity"]["ppl"]
         a.errorbar(x, y, yerr=m["perplexity"]["stderr"], fmt="o", capsize=3)
-        a.annotate(f"{m['name'].split('/')[-1][:24]}\n({m['format']})", (x, y), textcoords="offset points",
+        a.annotate(f"{short_name(m['name'])[-28:]}\n({m['format']})", (x, y), textcoords="offset points",
                    xytext=(6, 4), fontsize=8)
     a.set_xlabel("size on disk (MB)")
     a.set_ylabel(f"perplexity (ctx {report['protocol']['ctx']}, lower is better)")
@@ -109,7 +120,7 @@ def plot(report: dict, path: Path) -> None:
     for m in ms:
         v = [s["decode_tps"] for s in m.get("smoke") or [] if s["decode_tps"]]
         dec.append(sum(v) / len(v) if v else 0.0)
-    labels = [f"{m['name'].split('/')[-1][:18]}\n{m['format']}" for m in ms]
+    labels = [f"{short_name(m['name'])[-22:]}\n{m['format']}" for m in ms]
     b.bar(range(len(ms)), dec, color="tab:blue")
     b.set_xticks(range(len(ms)), labels, fontsize=8)
     b.set_ylabel("decode tokens/s")

@@ -61,6 +61,7 @@ class ModelReport:
     tokenization_match: float | None = None  # share of the reference's token ids this model reproduces
     smoke: list[dict] = field(default_factory=list)
     gate_failures: list[str] = field(default_factory=list)
+    cuda_max_allocated_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -87,20 +88,53 @@ def _resolve_device(device: str) -> str:
         return "cpu"
 
 
-def _evaluate(model: Model, ids: list[int], opts: VerifyOptions, ref: Model | None, ref_ids: list[int] | None,
-              kl: KLAccumulator | None):
-    """Perplexity on the model's own tokens; KL on the reference's tokens (window by window)."""
-    nlls, t_eval, n_eval = [], 0.0, 0
-    for w in windows(ids, opts.ctx, bos_id=model.bos_id, add_bos=model.add_bos, max_tokens=opts.max_tokens):
+@dataclass
+class _Pass:
+    """What one model accumulates while the windows stream by."""
+
+    nlls: list = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    kl: KLAccumulator | None = None
+
+    def logits(self, model: Model, w):
         t0 = time.monotonic()
-        logits = model.logits(w.ids)
-        t_eval += time.monotonic() - t0
-        n_eval += len(w.ids)
-        nlls.append(token_nll(logits, w))
-    if ref is not None and kl is not None and ref_ids is not None:
-        for w in windows(ref_ids, opts.ctx, bos_id=ref.bos_id, add_bos=ref.add_bos, max_tokens=opts.max_tokens):
-            kl.add(ref.logits(w.ids), model.logits(w.ids), w)
-    return summarize(nlls, len(ids)), n_eval / t_eval if t_eval else 0.0
+        out = model.logits(w.ids, start=w.first)
+        self.seconds += time.monotonic() - t0
+        self.tokens += len(w.ids)
+        return out
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOptions) -> list[_Pass]:
+    """One pass over the reference's windows: each window's reference logits serve every candidate
+    (KL, top-1, and perplexity for candidates that tokenize identically). Candidates whose tokenizer
+    differs get a second pass over their own windows for perplexity."""
+    ref, ref_ids = models[0], token_ids[0]
+    passes = [_Pass() for _ in models]
+    for p, m in zip(passes[1:], models[1:]):
+        if abs(m.vocab_size - ref.vocab_size) < 512:  # same vocabulary (up to padding)
+            p.kl = KLAccumulator()
+    for w in windows(ref_ids, opts.ctx, bos_id=ref.bos_id, add_bos=ref.add_bos, max_tokens=opts.max_tokens):
+        ref_logits = passes[0].logits(ref, w)
+        passes[0].nlls.append(token_nll(ref_logits, w))
+        for p, m, ids in zip(passes[1:], models[1:], token_ids[1:]):
+            same = ids == ref_ids and m.add_bos == ref.add_bos
+            if p.kl is None and not same:
+                continue
+            cand = p.logits(m, w)
+            if p.kl is not None:
+                p.kl.add(ref_logits, cand, w)
+            if same:
+                p.nlls.append(token_nll(cand, w))
+    for p, m, ids in zip(passes[1:], models[1:], token_ids[1:]):
+        if not p.nlls:  # its own tokens, its own windows
+            for w in windows(ids, opts.ctx, bos_id=m.bos_id, add_bos=m.add_bos, max_tokens=opts.max_tokens):
+                p.nlls.append(token_nll(p.logits(m, w), w))
+    return passes
 
 
 def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_file: str | None = None,
@@ -129,29 +163,32 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
         after = _rss_bytes()
         models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
     ref = models[0][1]
-    ref_ids = ref.tokenize(text)
+    token_ids = [m.tokenize(text) for _, m, _ in models]
+    log("perplexity and KL, window by window ...")
+    passes = _measure([m for _, m, _ in models], token_ids, opts)
     reports = []
-    for role, m, rss in models:
-        ids = ref_ids if m is ref else m.tokenize(text)
-        log(f"perplexity{' + KL' if m is not ref else ''}: {m.name} ...")
-        kl = None
+    for (role, m, rss), ids, p in zip(models, token_ids, passes):
         match = None
         if m is not ref:
             # share of the reference's ids reproduced before the first difference (one differing
             # token shifts everything after it, so a position-wise count would mean nothing)
+            ref_ids = token_ids[0]
             n = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
             match = 1.0 if ids == ref_ids else n / max(len(ref_ids), 1)
-            if m.vocab_size == ref.vocab_size or abs(m.vocab_size - ref.vocab_size) < 512:
-                kl = KLAccumulator()
-        ppl, prefill = _evaluate(m, ids, opts, ref if kl else None, ref_ids, kl)
-        rep = ModelReport(m.name, m.format, role, m.size_bytes, m.load_s, rss, len(ids), ppl.to_dict(), prefill,
-                          kl.result().to_dict() if kl else None, getattr(m, "compute_dtype", None), match)
+        rep = ModelReport(m.name, m.format, role, m.size_bytes, m.load_s, rss, len(ids),
+                          summarize(p.nlls, len(ids)).to_dict(), p.prefill_tps,
+                          p.kl.result().to_dict() if p.kl else None, getattr(m, "compute_dtype", None), match)
         if opts.smoke:
             log(f"smoke generation: {m.name} ...")
             with stdout_to_stderr():
                 rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
                                                             temperature=opts.temperature, top_p=opts.top_p,
                                                             seed=opts.seed)]
+        if device == "cuda":
+            import torch
+
+            rep.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         reports.append(rep)
     return {
         "qtk_version": __version__,
