@@ -3,12 +3,10 @@ plain transformers and checked against the BF16 model and against the backend's 
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,7 @@ On CPU the torch packing backend is used, since GPTQModel's default picks a CUDA
 from __future__ import annotations
 
 from .base import Method, QuantizeOptions, RunContext
-from .gptq import calibration_rows, prepare_gptqmodel_env, seed_everything
+from .gptq import calibration_rows, gptqmodel_logs_elsewhere, prepare_gptqmodel_env, seed_everything
 
 __all__ = ["AWQ"]
 
@@ -35,5 +35,6 @@ class AWQ(Method):
         seed_everything(o.seed)
         model = GPTQModel.load(str(ctx.model.path), cfg, device=ctx.device)
         backend = BACKEND.AWQ_TORCH if ctx.device == "cpu" else BACKEND.AUTO
-        model.quantize(calibration_rows(ctx), batch_size=1, backend=backend)
+        with gptqmodel_logs_elsewhere():
+            model.quantize(calibration_rows(ctx), batch_size=1, backend=backend)
         model.save(str(ctx.out))

@@ -7,8 +7,11 @@ Output: a ``checkpoint_format: gptq`` checkpoint whose config.json carries the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import tempfile
+from collections.abc import Iterator
 
 from .base import Method, QuantizeOptions, RunContext
 
@@ -31,6 +34,24 @@ def prepare_gptqmodel_env() -> None:
     # requests 2 workers" on <= 2 cores); give it what it asks for.
     if (os.cpu_count() or 1) <= 2:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+@contextlib.contextmanager
+def gptqmodel_logs_elsewhere() -> Iterator[None]:
+    """GPTQModel writes a per-layer log into ``./logs`` of whatever directory the user is in;
+    point it at a temporary directory instead, so qtk leaves nothing behind in the cwd."""
+    from gptqmodel.looper import loop_processor
+
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    if saved is None:  # another GPTQModel version: nothing to redirect
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="qtk-gptqmodel-logs-") as tmp:
+        loop_processor._PROJECT_LOG_DIR = type(saved)(tmp)
+        try:
+            yield
+        finally:
+            loop_processor._PROJECT_LOG_DIR = saved
 
 
 def calibration_rows(ctx: RunContext) -> list[dict]:
@@ -59,5 +80,6 @@ class GPTQ(Method):
         cfg = GPTQConfig(bits=o.bits, group_size=o.group_size, desc_act=o.desc_act, sym=self.sym(o))
         seed_everything(o.seed)
         model = GPTQModel.load(str(ctx.model.path), cfg, device=ctx.device)
-        model.quantize(calibration_rows(ctx), batch_size=1)
+        with gptqmodel_logs_elsewhere():
+            model.quantize(calibration_rows(ctx), batch_size=1)
         model.save(str(ctx.out))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
+from ..hfload import read_config
 from ..settings import Settings
 
 __all__ = ["SourceModel", "resolve_model", "safetensors_header", "check_group_size"]
@@ -107,13 +108,7 @@ def resolve_model(spec: str, *, revision: str | None = None, settings: Settings 
     """Find the checkpoint and validate it as a BF16/FP16/FP32 causal LM that is not quantized yet."""
     settings = settings or Settings.from_env()
     path, repo_id, commit = _resolve_dir(spec, revision, settings)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise errors.ModelFormatError(f"{path} has no config.json: not a Hugging Face checkpoint.")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise errors.ModelFormatError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    config = read_config(path, missing=f"{path} has no config.json: not a Hugging Face checkpoint.")
     archs = config.get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in archs):
         raise errors.ModelFormatError(

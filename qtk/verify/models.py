@@ -9,7 +9,6 @@ through transformers, GGUF files through llama-cpp-python on the CPU.
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import errors
+from ..hfload import load_causal_lm, read_config
 
 __all__ = ["Model", "Generation", "open_model", "detect_format", "GGUF_MAGIC"]
 
@@ -53,13 +53,7 @@ def detect_format(path: Path) -> str:
                 return "gguf"
         raise errors.ModelFormatError(f"{path} is a file but not a GGUF (no 'GGUF' magic).",
                                       hint="Pass a GGUF file or a Hugging Face checkpoint directory.")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise errors.ModelFormatError(f"{path} has no config.json and is not a GGUF file.")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise errors.ModelFormatError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    cfg = read_config(path, missing=f"{path} has no config.json and is not a GGUF file.")
     qc = cfg.get("quantization_config") or {}
     method = str(qc.get("quant_method", "")).lower()
     if method == "bitsandbytes":
@@ -110,7 +104,7 @@ class Model(ABC):
 class HFModel(Model):
     def __init__(self, path: Path, fmt: str, device: str, name: str) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer, GenerationConfig
 
         t0 = time.monotonic()
         self.path, self.format, self.name, self.device = path, fmt, name, device
@@ -124,9 +118,7 @@ class HFModel(Model):
             dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
         self.compute_dtype = str(dtype).replace("torch.", "")
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, device_map={"": 0} if device == "cuda" else "cpu"
-            ).eval()
+            self.model, self.kernel = load_causal_lm(path, dtype=dtype, device=device)
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(f"{name} does not fit in GPU memory.", hint="Use --device cpu or a bigger GPU.") from exc
         except MemoryError as exc:

@@ -62,7 +62,7 @@ def table(report: dict) -> Table:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# qtk verify report",
+        "# qtk verify report",
         "",
         f"Text: `{report['protocol']['text']}` (sha256 `{report['protocol']['text_sha256'][:16]}…`), "
         f"windows of {report['protocol']['ctx']} tokens, second half scored; KL on the reference's tokens. "
