@@ -1,0 +1,267 @@
+"""Memory planning from config.json alone: parameters, weight bytes per format, KV cache, GPU fit.
+
+Units: weights in GB (10^9 bytes: parameters x bytes, as model cards and vendors quote them);
+KV cache in GiB (2^30 bytes, as the Llama 3.1 tables quote it). Every number is also given in bytes
+(``--json``), and the fit check works in bytes.
+
+The KV cache of a decoder is ``2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes``;
+it depends on the checkpoint's ``num_key_value_heads``: the published Llama 3.1 405B config has 8 KV
+heads (0.492 GiB per 1,024 tokens in FP16); the often-copied table value 0.984 corresponds to 16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import errors
+from .hfload import read_config
+
+__all__ = ["ModelShape", "FORMATS", "GPUS", "shape_from_config", "weight_bytes", "kv_bytes", "plan",
+           "parse_context", "parse_gpus", "load_config"]
+
+GB, GiB = 1e9, 2**30
+
+# name -> nominal memory in GB, as sold (the fit check uses nominal x 10^9 bytes: conservative)
+GPUS = {"L4": 24, "RTX-4090": 24, "A100-40G": 40, "L40S": 48, "A6000": 48, "A100-80G": 80, "H100-80G": 80,
+        "H100-NVL": 94, "H200": 141}
+
+KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    linear_bits: float  # bits per weight of the decoder's linear layers, scales/zeros included
+    other_bits: float  # embeddings, lm_head, norms
+
+
+def _group_bits(group: int, zero_bits: float) -> float:
+    # 4-bit weights + one fp16 scale and one packed zero point per group
+    return 4 + (16 + zero_bits) / group
+
+
+# GGUF types: average bits per weight over the whole file, as llama.cpp reports them for Llama-3 8B
+# (k-quant mixes keep some tensors at higher precision); applied to every tensor.
+FORMATS = {f.name: f for f in [
+    Format("bf16", "16-bit (BF16/FP16)", 16, 16),
+    Format("fp8", "8-bit FP8 (params x 1 byte)", 8, 8),
+    Format("int8", "8-bit integer (params x 1 byte)", 8, 8),
+    Format("int4", "4-bit, every parameter (params x 0.5 byte; the vendor-table convention)", 4, 4),
+    Format("gptq-g128", "GPTQ 4-bit, group 128 (fp16 scale + 4-bit zero per group; embeddings/lm_head 16-bit)",
+           _group_bits(128, 4), 16),
+    Format("awq-g128", "AWQ 4-bit, group 128 (fp16 scale + 4-bit zero per group; embeddings/lm_head 16-bit)",
+           _group_bits(128, 4), 16),
+    # NF4 with double quantization: 4 bits + 8-bit absmax per 64 weights + fp32 per 256 absmax
+    Format("nf4", "bitsandbytes NF4, double quant (embeddings/lm_head 16-bit)", 4 + 8 / 64 + 32 / (64 * 256), 16),
+    Format("gguf-q8_0", "GGUF Q8_0", 8.5, 8.5),
+    Format("gguf-q6_k", "GGUF Q6_K", 6.56, 6.56),
+    Format("gguf-q5_k_m", "GGUF Q5_K_M (mix)", 5.70, 5.70),
+    Format("gguf-q4_k_m", "GGUF Q4_K_M (mix)", 4.89, 4.89),
+    Format("gguf-q4_0", "GGUF Q4_0", 4.5, 4.5),
+    Format("gguf-q3_k_m", "GGUF Q3_K_M (mix)", 3.91, 3.91),
+    Format("gguf-q2_k", "GGUF Q2_K (mix)", 3.35, 3.35),
+]}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied_embeddings: bool
+    experts: int = 0  # 0: dense
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_expert_intermediate: int = 0
+    attention_bias: bool = False
+    # parameter counts, filled by shape_from_config
+    params: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def linear(self) -> int:
+        """Parameters in the decoder's linear layers (what GPTQ/AWQ/NF4 quantize)."""
+        return self.params["attention"] + self.params["mlp"]
+
+
+def _get(cfg: dict, *names, default=None):
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    if default is not None:
+        return default
+    raise errors.ModelFormatError(f"config.json has none of {', '.join(names)}: not a decoder config qtk knows.",
+                                  hint="qtk plan reads Llama/Mistral/Qwen/Gemma-style decoder configs.")
+
+
+def shape_from_config(cfg: dict) -> ModelShape:
+    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers: plan the language model
+        cfg = cfg["text_config"]
+    hidden = int(_get(cfg, "hidden_size", "n_embd", "d_model"))
+    heads = int(_get(cfg, "num_attention_heads", "n_head"))
+    kv_heads = int(_get(cfg, "num_key_value_heads", "num_kv_heads", default=heads))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
+    vocab = int(_get(cfg, "vocab_size"))
+    intermediate = int(_get(cfg, "intermediate_size", "ffn_dim", default=4 * hidden))
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
+    expert_inter = int(cfg.get("moe_intermediate_size") or (intermediate if experts else 0))
+    shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
+    if cfg.get("n_shared_experts"):
+        shared_inter = int(cfg["n_shared_experts"]) * expert_inter
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    bias = bool(cfg.get("attention_bias", False)) or cfg.get("model_type") in ("qwen2", "qwen2_moe")
+
+    attn = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
+    if bias:
+        attn += heads * head_dim + 2 * kv_heads * head_dim
+    if experts:
+        mlp = experts * 3 * hidden * expert_inter + hidden * experts + 3 * hidden * shared_inter
+        if shared_inter:
+            mlp += hidden  # the shared expert's gate (Qwen-MoE)
+    else:
+        mlp = 3 * hidden * intermediate
+    params = {
+        "embeddings": vocab * hidden,
+        "lm_head": 0 if tied else vocab * hidden,
+        "attention": layers * attn,
+        "mlp": layers * mlp,
+        "norms": layers * 2 * hidden + hidden,
+    }
+    return ModelShape(
+        architecture=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0], vocab=vocab, hidden=hidden,
+        layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
+        tied_embeddings=tied, experts=experts,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0), expert_intermediate=expert_inter,
+        shared_expert_intermediate=shared_inter, attention_bias=bias, params=params,
+    )
+
+
+def weight_bytes(shape: ModelShape, fmt: Format) -> int:
+    other = shape.total - shape.linear
+    return math.ceil(shape.linear * fmt.linear_bits / 8 + other * fmt.other_bits / 8)
+
+
+def kv_bytes(shape: ModelShape, tokens: int, *, batch: int = 1, dtype: str = "fp16") -> int:
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * KV_DTYPES[dtype]
+
+
+def parse_context(text: str) -> list[int]:
+    """'1k,16k,128k' -> [1024, 16384, 131072]; plain numbers are tokens ('16000')."""
+    out = []
+    for part in str(text).split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        try:
+            n = int(float(p[:-1]) * 1024) if p.endswith("k") else int(p)
+        except ValueError:
+            raise errors.UsageError(f"--context: {part!r} is not a token count (e.g. 4096, 16k).") from None
+        if n <= 0:
+            raise errors.UsageError(f"--context: {part!r} must be positive.")
+        out.append(n)
+    if not out:
+        raise errors.UsageError("--context needs at least one token count.")
+    return out
+
+
+def parse_gpus(specs) -> dict[str, float]:
+    """Extra GPUs as NAME=GB (repeatable or comma-separated), added to the built-in list."""
+    gpus = dict(GPUS)
+    for spec in specs or ():
+        for item in str(spec).split(","):
+            name, sep, gb = item.partition("=")
+            try:
+                if not sep or not name.strip():
+                    raise ValueError
+                gpus[name.strip()] = float(gb)
+            except ValueError:
+                raise errors.UsageError(f"--gpus: {item!r} is not NAME=GB (e.g. MI300X=192).") from None
+    return gpus
+
+
+def load_config(spec: str, *, revision: str | None = None, settings=None) -> tuple[dict, str]:
+    """config.json from a file, a checkpoint dir, or a repo id (the cache, else fetched alone with qtk's
+    downloader). Returns (config, where it came from)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        import json
+
+        try:
+            return json.loads(path.read_text()), str(path)
+        except ValueError as exc:
+            raise errors.ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
+    if path.is_dir():
+        return read_config(path, missing=f"{path} has no config.json."), str(path / "config.json")
+    if spec.count("/") != 1:
+        raise errors.ModelFormatError(f"{spec} is neither a config.json, a checkpoint dir nor a repo id.")
+    from .hub.download import plan_pull, pull
+    from .settings import Settings
+
+    p = plan_pull(spec, revision=revision, settings=settings or Settings.from_env(), include=["config.json"])
+    if p.missing and not p.offline:
+        pull(p)
+    return read_config(p.root, missing=f"{spec} has no config.json."), f"{spec}@{p.commit[:12]}"
+
+
+@dataclass
+class Fit:
+    gpu: str
+    gpu_gb: float
+    tp: int
+    per_gpu_bytes: int
+    fits: bool
+
+
+def plan(shape: ModelShape, *, formats: list[str], contexts: list[int], batch: int = 1, kv_dtype: str = "fp16",
+         gpus: dict[str, float] | None = None, tp: tuple[int, ...] = (1, 2, 4, 8), margin_gb: float = 2.0,
+         utilization: float = 0.9) -> dict:
+    """Everything ``qtk plan`` prints. A configuration fits when, per GPU,
+    (weights + KV at the longest context) / tp + margin <= utilization x memory."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise errors.UsageError(f"Unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}.")
+    if kv_dtype not in KV_DTYPES:
+        raise errors.UsageError(f"Unknown KV dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}.")
+    gpus = gpus if gpus is not None else dict(GPUS)
+    kv = {n: kv_bytes(shape, n, batch=batch, dtype=kv_dtype) for n in contexts}
+    longest = max(contexts)
+    rows = []
+    for name in formats:
+        w = weight_bytes(shape, FORMATS[name])
+        fits = []
+        for gpu, gb in gpus.items():
+            for t in tp:
+                per_gpu = math.ceil((w + kv[longest]) / t + margin_gb * GB)
+                fits.append(Fit(gpu, gb, t, per_gpu, per_gpu <= utilization * gb * GB))
+        smallest = {}
+        for f in fits:  # per GPU: the fewest GPUs that hold it
+            if f.fits and f.gpu not in smallest:
+                smallest[f.gpu] = f.tp
+        rows.append({"format": name, "description": FORMATS[name].description, "weight_bytes": w,
+                     "weight_GB": w / GB, "total_bytes_at_longest_context": w + kv[longest],
+                     "min_gpus": smallest, "fits": [asdict(f) for f in fits]})
+    return {
+        "architecture": shape.architecture,
+        "shape": {k: v for k, v in asdict(shape).items() if k != "params"},
+        "params": {**shape.params, "total": shape.total, "linear": shape.linear},
+        "kv_cache": {"dtype": kv_dtype, "batch": batch,
+                     "bytes_per_token": kv_bytes(shape, 1, dtype=kv_dtype),
+                     "by_context": [{"tokens": n, "bytes": b, "GiB": b / GiB} for n, b in kv.items()]},
+        "assumptions": {"margin_GB_per_gpu": margin_gb, "utilization": utilization, "tp": list(tp),
+                        "fit_context_tokens": longest,
+                        "units": "weights in GB (1e9 bytes), KV cache in GiB (2^30 bytes), GPUs nominal GB"},
+        "formats": rows,
+        "gpus": gpus,
+    }
