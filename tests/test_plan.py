@@ -129,3 +129,16 @@ def test_cli_json_and_table(qtk, tmp_path):
     assert r.exit_code == errors.ModelFormatError.exit_code
     r = qtk("plan", str(cfg), "--formats", "bogus")
     assert r.exit_code == 2 and "Unknown format" in r.stderr
+
+
+@pytest.mark.parametrize("cfg, published_b", [
+    # Qwen2.5-7B (q/k/v biases), Gemma-2-9B (head_dim 256, tied), Mistral-7B-v0.3: public configs and counts
+    (dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+          num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False), 7.6156),
+    (dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
+          num_key_value_heads=8, head_dim=256, intermediate_size=14336, tie_word_embeddings=True), 9.2415),
+    (dict(model_type="mistral", vocab_size=32768, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+          num_key_value_heads=8, intermediate_size=14336), 7.2480),
+])
+def test_other_decoder_families(cfg, published_b):
+    assert abs(P.shape_from_config(cfg).total / 1e9 - published_b) / published_b < 0.005
