@@ -24,8 +24,9 @@ FALLBACK_KERNELS = {"gptq": ("gptq_triton", "gptq_torch"), "awq": ("gemm_triton"
 
 
 def read_config(path: str | Path, *, missing: str) -> dict:
-    """A checkpoint's config.json, or a ModelFormatError (``missing`` says why when there is none)."""
-    cfg_path = Path(path) / "config.json"
+    """A config.json (the file, or a checkpoint dir's), or a ModelFormatError (``missing`` says why
+    when there is none)."""
+    cfg_path = Path(path) if Path(path).is_file() else Path(path) / "config.json"
     if not cfg_path.is_file():
         raise errors.ModelFormatError(missing)
     try:

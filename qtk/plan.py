@@ -195,23 +195,14 @@ def load_config(spec: str, *, revision: str | None = None, settings=None) -> tup
     """config.json from a file, a checkpoint dir, or a repo id (the cache, else fetched alone with qtk's
     downloader). Returns (config, where it came from)."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        import json
-
-        try:
-            return json.loads(path.read_text()), str(path)
-        except ValueError as exc:
-            raise errors.ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if path.is_dir():
-        return read_config(path, missing=f"{path} has no config.json."), str(path / "config.json")
+    if path.exists():
+        return read_config(path, missing=f"{path} has no config.json."), str(path if path.is_file() else path / "config.json")
     if spec.count("/") != 1:
         raise errors.ModelFormatError(f"{spec} is neither a config.json, a checkpoint dir nor a repo id.")
     from .hub.download import plan_pull, pull
     from .settings import Settings
 
-    p = plan_pull(spec, revision=revision, settings=settings or Settings.from_env(), include=["config.json"])
-    if p.missing and not p.offline:
-        pull(p)
+    p = pull(plan_pull(spec, revision=revision, settings=settings or Settings.from_env(), include=["config.json"])).plan
     return read_config(p.root, missing=f"{spec} has no config.json."), f"{spec}@{p.commit[:12]}"
 
 

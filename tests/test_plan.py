@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 
@@ -55,28 +54,16 @@ def test_kv_scales_with_batch_and_dtype():
     assert P.kv_bytes(shape, 1000, batch=4, dtype="fp8") == P.kv_bytes(shape, 1000, dtype="fp16") * 2
 
 
-def _safetensors_numel(path) -> int:
-    total = 0
-    for f in path.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in meta["shape"]:
-                    count *= d
-                total += count
-    return total
-
-
 def test_parameter_count_of_a_real_checkpoint_is_exact(smol_bf16):
     """SmolLM2-135M (tied embeddings, 3 KV heads): the planner's count equals the tensors on disk."""
-    shape = P.shape_from_config(json.loads((smol_bf16 / "config.json").read_text()))
+    from qtk.quantize.source import resolve_model
+
+    on_disk = resolve_model(str(smol_bf16))  # the tensors' shapes, from the safetensors headers
+    shape = P.shape_from_config(on_disk.config)
     assert shape.tied_embeddings and shape.kv_heads == 3
-    assert shape.total == _safetensors_numel(smol_bf16)
+    assert shape.total == on_disk.num_params
     # bf16 weights = the safetensors payload
-    payload = sum(f.stat().st_size for f in smol_bf16.glob("*.safetensors"))
+    payload = on_disk.weight_bytes
     assert abs(P.weight_bytes(shape, P.FORMATS["bf16"]) - payload) / payload < 0.001
 
 
@@ -142,3 +129,19 @@ def test_cli_json_and_table(qtk, tmp_path):
 ])
 def test_other_decoder_families(cfg, published_b):
     assert abs(P.shape_from_config(cfg).total / 1e9 - published_b) / published_b < 0.005
+
+
+def test_repo_id_fetches_config_json_alone(qtk, hub, cache_dir, monkeypatch):
+    """Through the local Hub mirror with the real client: only config.json crosses; a second run, and an
+    offline one, read it from the cache."""
+    pytest.importorskip("numpy")
+    r = qtk("plan", "acme/tiny-llama", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["shape"]["layers"] == 2 and doc["source"].startswith("acme/tiny-llama@")
+    snapshot = next((cache_dir / "models--acme--tiny-llama" / "snapshots").iterdir())
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json"]
+    assert json.loads(qtk("plan", "acme/tiny-llama", "--json").stdout)["params"] == doc["params"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = qtk("plan", "acme/tiny-llama", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["params"] == doc["params"]

@@ -4,6 +4,7 @@ and check it before any heavy work, from config.json and the safetensors headers
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,13 +57,7 @@ class SourceModel:
 
     @property
     def num_params(self) -> int:
-        n = 0
-        for t in self.tensors.values():
-            p = 1
-            for d in t["shape"]:
-                p *= d
-            n += p
-        return n
+        return sum(math.prod(t["shape"]) for t in self.tensors.values())
 
     @property
     def weight_bytes(self) -> int:
@@ -95,12 +90,10 @@ def _resolve_dir(spec: str, revision: str | None, settings: Settings) -> tuple[P
         raise errors.ModelFormatError(f"{spec} is neither a model directory nor a repo id (namespace/name).")
     from ..hub.download import plan_pull, pull
 
-    plan = plan_pull(
+    plan = pull(plan_pull(
         spec, revision=revision, settings=settings,
         include=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.md"],
-    )
-    if plan.missing and not plan.offline:
-        pull(plan)
+    )).plan
     return plan.root, spec, plan.commit
 
 

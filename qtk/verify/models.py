@@ -118,7 +118,7 @@ class HFModel(Model):
             dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
         self.compute_dtype = str(dtype).replace("torch.", "")
         try:
-            self.model, self.kernel = load_causal_lm(path, dtype=dtype, device=device)
+            self.model, _ = load_causal_lm(path, dtype=dtype, device=device)
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(f"{name} does not fit in GPU memory.", hint="Use --device cpu or a bigger GPU.") from exc
         except MemoryError as exc:
@@ -315,10 +315,7 @@ def open_model(spec: str, *, gguf_file: str | None = None, device: str = "cpu", 
         from ..hub.download import plan_pull, pull
 
         include = [gguf_file] if gguf_file else ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
-        plan = plan_pull(spec, include=include, settings=settings)
-        if plan.missing and not plan.offline:
-            pull(plan)
-        path = plan.root
+        path = pull(plan_pull(spec, include=include, settings=settings)).plan.root
     if gguf_file:
         path = path / gguf_file
         if not path.is_file():
