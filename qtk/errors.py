@@ -28,7 +28,8 @@ matching built-in, so callers may catch ``FileNotFoundError`` or the precise qtk
     │   ├── OutputExistsError (FileExistsError) exit 53  output exists (use --overwrite)
     │   ├── CalibrationError (ValueError)      exit 54  calibration data unusable or too small
     │   └── ResourceError (MemoryError)        exit 55  out of memory (the hint says what to lower)
-    └── DiskSpaceError (OSError)               exit 40  not enough free space for the plan
+    ├── DiskSpaceError (OSError)               exit 40  not enough free space for the plan
+    └── ProvisionFailedError                   exit 60  qtk provision --keep-going: some models failed with errors
 
     KeyboardInterrupt                          exit 130 (partial downloads are kept for resume)
 """
@@ -64,6 +65,7 @@ __all__ = [
     "OutputExistsError",
     "CalibrationError",
     "ResourceError",
+    "ProvisionFailedError",
     "EXIT_INTERRUPTED",
     "exit_code_for",
     "exit_code_table",
@@ -263,6 +265,12 @@ class DiskSpaceError(QtkError, OSError):
     """Not enough free disk space for the plan."""
 
     exit_code = 40
+
+
+class ProvisionFailedError(QtkError):
+    """qtk provision --keep-going: models failed with errors (their own codes are in the summary)."""
+
+    exit_code = 60
 
 
 def exit_code_for(exc: BaseException) -> int:

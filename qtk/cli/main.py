@@ -72,7 +72,7 @@ def exit_codes() -> None:
 
 
 def _register() -> None:
-    from . import chat, hub, plan, quantize, verify
+    from . import chat, hub, plan, provision, quantize, verify
 
     cli.add_command(hub.login)
     cli.add_command(hub.whoami)
@@ -84,6 +84,7 @@ def _register() -> None:
     cli.add_command(quantize.calibration)
     cli.add_command(verify.verify_cmd)
     cli.add_command(chat.chat_cmd)
+    cli.add_command(provision.provision_group)
 
 
 _register()

@@ -96,6 +96,15 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
             f"The output needs roughly {need / 1e9:.2f} GB in {out_parent}; {free / 1e9:.2f} GB are free.",
             hint="Free space or choose another -o.",
         )
+    if device == "cuda":  # the planner's estimate of what lands on the GPU, before loading anything
+        from ..plan import check_fits, quantize_memory, shape_from_config
+
+        with contextlib.suppress(errors.ModelFormatError):  # a config the planner cannot read: no estimate
+            shape = shape_from_config(model.config)
+            need = quantize_memory(shape, method.name, device="cuda", group_size=options.group_size,
+                                   samples=options.samples, seq_len=options.seq_len)["device_bytes"]
+            check_fits(need, "cuda", f"Quantizing {model.repo_id or model.path.name} with {method.name}",
+                       hint="Lower --samples/--seq-len (activations scale with both), or use a bigger GPU.")
     if device == "cpu":
         with contextlib.suppress(OSError, ValueError):
             avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))

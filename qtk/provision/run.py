@@ -1,0 +1,570 @@
+"""``qtk provision``: manifest -> pull -> quantize -> verify -> gate -> publish, idempotently.
+
+Every step is addressed by the hash of its inputs:
+
+    source    = repo, pinned commit, the selected files' hashes (from the Hub's tree listing)
+    quantize  = source + method + every quantize option (defaults filled in) + the calibration set's sha256
+    verify    = quantize + reference source + verify options + the evaluation text's sha256
+    publish   = quantize + verify + the gates + the published repo name
+
+A step whose result exists under its key is skipped, so a re-run does nothing; a changed recipe
+parameter changes the quantize key (and with it verify and publish) of that recipe only; a changed
+gate only re-evaluates and re-publishes (hard links, no bytes copied). Downloads resume through qtk
+pull's own sidecar state. A gate failure is recorded with its numbers and never published.
+
+Two stages: a plan for every model first (metadata only, no file bytes: commits, keys, what exists,
+memory and disk needed), refused as a whole when the disk cannot hold it; then the steps. ``dry_run``
+stops after the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__, errors
+from .._stdio import output_to_file
+from ..settings import Settings
+from .manifest import Manifest, ModelSpec, Recipe
+from .store import ProvisionStore, now_iso
+
+__all__ = ["ProvisionOptions", "ArtifactRow", "Summary", "provision", "STEPS"]
+
+STEPS = ("pull", "quantize", "verify", "gate", "publish")
+_KEY_LEN = 24
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:_KEY_LEN]
+
+
+@dataclass(frozen=True)
+class ProvisionOptions:
+    dry_run: bool = False
+    keep_going: bool = False
+    lock_timeout: float | None = None  # None: wait for another run's lock as long as it takes
+    only: tuple[str, ...] = ()  # model names (or repos) to provision; empty: all
+    push: bool | None = None  # override every model's publish.push_to_hub
+    prune: bool = True  # remove published versions that neither the current nor the previous one is
+    backend_output: bool = False  # True: backends print to this terminal; False: to a log file per step
+
+
+@dataclass
+class ArtifactRow:
+    model: str
+    repo_id: str  # the published repo, <org>/<model>-<recipe>
+    method: str
+    source: str = ""  # repo@commit
+    steps: dict = field(default_factory=lambda: {s: "-" for s in STEPS})
+    keys: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    gate_failures: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    error: dict | None = None
+
+    @property
+    def outcome(self) -> str:
+        if self.error:
+            return "error"
+        if self.gate_failures:
+            return "gate_failed"
+        return "ok"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "outcome": self.outcome}
+
+
+@dataclass
+class Summary:
+    run_id: str
+    store: Path
+    dry_run: bool
+    rows: list[ArtifactRow] = field(default_factory=list)
+    model_errors: list[dict] = field(default_factory=list)  # errors before any artifact existed
+    first_error: BaseException | None = None
+    disk: dict = field(default_factory=dict)
+    bytes_downloaded: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 all good; 3 only gate failures; an error's own code when one error stopped the run;
+        60 when --keep-going carried on past errors."""
+        errs = [r for r in self.rows if r.error] + self.model_errors
+        if self.first_error is not None and len(errs) <= 1:
+            return errors.exit_code_for(self.first_error)
+        if errs:
+            return errors.ProvisionFailedError.exit_code
+        if any(r.gate_failures for r in self.rows):
+            return errors.GateFailedError.exit_code
+        return 0
+
+    def to_dict(self) -> dict:
+        return {"run_id": self.run_id, "store": str(self.store), "dry_run": self.dry_run,
+                "exit_code": self.exit_code, "seconds": round(self.seconds, 2),
+                "bytes_downloaded": self.bytes_downloaded, "disk": self.disk,
+                "artifacts": [r.to_dict() for r in self.rows], "model_errors": self.model_errors}
+
+
+def _error_dict(exc: BaseException) -> dict:
+    if isinstance(exc, errors.QtkError):
+        return exc.to_dict()
+    return {"error": type(exc).__name__, "message": errors.redact(str(exc)), "hint": None, "exit_code": 1}
+
+
+@dataclass
+class _ModelPlan:
+    spec: ModelSpec
+    pull_plan: object  # qtk.hub.download.PullPlan
+    source: dict
+    shape: object | None  # qtk.plan.ModelShape
+    artifacts: list[tuple[Recipe, ArtifactRow, dict]]  # recipe, row, step inputs
+
+
+class Provisioner:
+    def __init__(self, manifest: Manifest, opts: ProvisionOptions, *, settings: Settings | None = None,
+                 on_event: Callable[[dict], None] = lambda e: None, log: Callable[[str], None] = lambda s: None,
+                 warn: Callable[[str], None] = lambda s: None) -> None:
+        self.m, self.opts = manifest, opts
+        self.settings = settings or Settings.from_env()
+        self.store = ProvisionStore(manifest.store)
+        self.on_event, self.log, self.warn = on_event, log, warn
+        self.summary = Summary(uuid.uuid4().hex[:12], self.store.root, opts.dry_run)
+        self._digests: dict[tuple, str] = {}
+        from ..verify.run import _resolve_device
+
+        self.device = _resolve_device(manifest.device)
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def emit(self, step: str, result: str, *, model: str, artifact: str | None = None, **fields) -> None:
+        event = {"ts": now_iso(), "run": self.summary.run_id, "pid": os.getpid(), "model": model,
+                 "artifact": artifact, "step": step, "result": result, **fields}
+        if not self.opts.dry_run:
+            self.store.log_event(event)
+        self.on_event(event)
+
+    def _step_log(self, row: ArtifactRow, step: str):
+        """Where a step's backend output goes: a log file in the store (named in its events)."""
+        if self.opts.backend_output:
+            return None
+        d = self.store.state / "logs"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{time.strftime('%Y%m%dT%H%M%S')}-{self.summary.run_id}-{row.repo_id.replace('/', '--')}-{step}.log"
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    def _text_digest(self, spec: str, text_field: str | None) -> str:
+        k = (spec, text_field)
+        if k not in self._digests:
+            from ..quantize.calibration import load_calibration
+
+            self._digests[k] = load_calibration(spec, text_field=text_field, settings=self.settings).sha256
+        return self._digests[k]
+
+    def _inputs(self, spec: ModelSpec, recipe: Recipe, source: dict) -> dict:
+        from ..quantize.base import QuantizeOptions
+        from ..quantize.registry import get_method
+        from ..verify.run import Gates, VerifyOptions
+
+        method = get_method(recipe.method)
+        q = QuantizeOptions(method=recipe.method, **recipe.params, device=self.m.device)
+        q = replace(q, sym=method.sym(q))
+        # only what the method reads: NF4 output does not depend on calibration or group options
+        unused = {"device"}
+        if not method.needs_calibration:
+            unused |= {"calibration", "text_field", "samples", "seq_len", "seed", "chat_template", "allow_fewer"}
+        if not method.uses_group_size:
+            unused |= {"group_size", "desc_act"}
+        elif method.name != "gptq":
+            unused.add("desc_act")
+        qparams = {k: v for k, v in q.to_dict().items() if k not in unused}
+        cal = self._text_digest(q.calibration, q.text_field) if method.needs_calibration else None
+        qkey = _key({"v": 1, "source": source, "params": qparams, "calibration_sha256": cal})
+        v = VerifyOptions(**spec.verify, device=self.m.device)
+        vparams = {k: getattr(v, k) for k in ("text", "text_field", "ctx", "max_tokens", "smoke", "max_new_tokens",
+                                              "temperature", "top_p", "seed")}
+        vkey = _key({"v": 1, "quantize": qkey, "reference": source, "params": vparams,
+                     "text_sha256": self._text_digest(v.text, v.text_field)})
+        gates = Gates(**recipe.gates)
+        repo_id = spec.artifact_repo(recipe)
+        pkey = _key({"v": 1, "quantize": qkey, "verify": vkey, "gates": asdict(gates), "repo": repo_id})
+        return {"qopts": q, "vopts": v, "gates": gates, "keys": {"quantize": qkey, "verify": vkey, "publish": pkey},
+                "calibration_sha256": cal, "method": method}
+
+    def _memory(self, shape, recipe_opts, ctx: int) -> dict:
+        from ..plan import FORMATS, GB, device_capacity, inference_memory, quantize_memory, quantized_format, weight_bytes
+
+        if shape is None:
+            return {}
+        q = recipe_opts
+        qm = quantize_memory(shape, q.method, device=self.device, group_size=q.group_size, samples=q.samples,
+                             seq_len=q.seq_len)
+        fmt = quantized_format(q.method, q.group_size)
+        verify_need = inference_memory(shape, FORMATS["bf16"], device=self.device, ctx=ctx) + \
+            inference_memory(shape, fmt, device=self.device, ctx=ctx)
+        label, free = device_capacity(self.device)
+        need = max(qm["device_bytes"], verify_need)
+        return {"device": label, "params": shape.total, "bf16_GB": weight_bytes(shape, FORMATS["bf16"]) / GB,
+                "output_GB": weight_bytes(shape, fmt) / GB, "quantize_device_GB": qm["device_bytes"] / GB,
+                "quantize_host_GB": qm["host_bytes"] / GB, "verify_GB": verify_need / GB,
+                "free_GB": None if free is None else free / GB, "fits": None if free is None else need <= free,
+                "output_bytes": weight_bytes(shape, fmt)}
+
+    # -- stage 1: plan ----------------------------------------------------------------------------
+
+    def _plan_model(self, spec: ModelSpec) -> _ModelPlan:
+        from ..hfload import read_config
+        from ..hub.download import plan_pull
+        from ..plan import shape_from_config
+
+        p = plan_pull(spec.repo, revision=spec.revision, include=spec.include, exclude=spec.exclude,
+                      settings=self.settings)
+        source = {"repo": spec.repo, "commit": p.commit,
+                  "files": sorted([f.file.path, f.file.oid] for f in p.files)}
+        shape = None
+        if any(f.file.path == "config.json" for f in p.files):
+            cfg_path = p.root / "config.json"
+            try:
+                if cfg_path.is_file():
+                    cfg = read_config(cfg_path, missing=f"{cfg_path} is missing.")
+                else:  # config.json alone, through the same verified downloader (a few kB)
+                    from ..plan import load_config
+
+                    cfg, _ = load_config(spec.repo, revision=p.commit, settings=self.settings)
+                shape = shape_from_config(cfg)
+            except errors.ModelFormatError as exc:
+                self.warn(f"{spec.name}: no memory plan ({exc.message})")
+        arts = []
+        for r in spec.recipes:
+            inputs = self._inputs(spec, r, source)
+            row = ArtifactRow(spec.name, spec.artifact_repo(r), r.method, f"{spec.repo}@{p.commit[:12]}",
+                              keys=inputs["keys"])
+            row.memory = self._memory(shape, inputs["qopts"], inputs["vopts"].ctx)
+            arts.append((r, row, inputs))
+        return _ModelPlan(spec, p, source, shape, arts)
+
+    def _state(self, mp: _ModelPlan) -> None:
+        """What exists already, per step (for the dry run and the disk preflight)."""
+        from ..hub.download import human_bytes
+        from ..quantize.run import PROVENANCE_FILE
+
+        p = mp.pull_plan
+        pull_state = f"fetch {human_bytes(p.bytes_to_transfer)}" if p.missing else "cached"
+        for _r, row, inputs in mp.artifacts:
+            k = inputs["keys"]
+            row.steps["pull"] = pull_state
+            row.steps["quantize"] = "done" if (self.store.build_dir(k["quantize"]) / PROVENANCE_FILE).is_file() else "to run"
+            rep = self.store.read_json(self.store.report_path(k["verify"]))
+            row.steps["verify"] = "done" if rep else "to run"
+            row.steps["gate"] = "to check"
+            row.steps["publish"] = "done" if self.store.published_key(row.repo_id) == k["publish"] else "to run"
+
+    def _check_disk(self, plans: list[_ModelPlan]) -> None:
+        from ..hub.download import free_bytes, human_bytes
+
+        need: dict[int, list] = {}  # st_dev -> [bytes, path]
+
+        def add(path: Path, n: int) -> None:
+            p = Path(path)
+            while not p.exists():
+                p = p.parent
+            dev = os.stat(p).st_dev
+            need.setdefault(dev, [0, p])[0] += n
+
+        seen_repos = set()
+        for mp in plans:
+            pp = mp.pull_plan
+            if (pp.repo_id, pp.commit) not in seen_repos:
+                seen_repos.add((pp.repo_id, pp.commit))
+                add(self.settings.hub_cache, pp.disk_bytes_needed)
+            for _r, row, _i in mp.artifacts:
+                if row.steps["quantize"] == "to run" and row.memory.get("output_bytes"):
+                    add(self.store.root, int(row.memory["output_bytes"] * 1.1))
+        self.summary.disk = {str(p): {"needed_bytes": n, "free_bytes": free_bytes(p)} for n, p in need.values()}
+        for n, p in need.values():
+            free = free_bytes(p)
+            if n > free:
+                raise errors.DiskSpaceError(
+                    f"The plan needs {human_bytes(n)} on the filesystem of {p} (downloads and quantized outputs "
+                    f"together); {human_bytes(free)} are free. Nothing was started.",
+                    hint="Free space, point HF_HUB_CACHE / the store elsewhere, or provision fewer models (--only).",
+                )
+
+    # -- stage 2: the steps -----------------------------------------------------------------------
+
+    def _pull(self, mp: _ModelPlan) -> None:
+        from ..hub.download import pull
+
+        spec, p = mp.spec, mp.pull_plan
+        if not p.missing:
+            self.emit("pull", "skipped", model=spec.name, commit=p.commit, bytes=0, reason="all files cached")
+            status = "cached"
+        else:
+            self.emit("pull", "start", model=spec.name, commit=p.commit, bytes_planned=p.bytes_to_transfer)
+            t0 = time.monotonic()
+            res = pull(p, lock_timeout=self.opts.lock_timeout)
+            self.summary.bytes_downloaded += res.stats.bytes_downloaded
+            self.emit("pull", "done", model=spec.name, commit=p.commit, bytes=res.stats.bytes_downloaded,
+                      bytes_resumed=res.stats.bytes_resumed, duration_s=round(time.monotonic() - t0, 2))
+            status = "done"
+        for _r, row, _i in mp.artifacts:
+            row.steps["pull"] = status
+
+    def _artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict) -> None:
+        spec, store = mp.spec, self.store
+        lock_name = "artifact-" + row.repo_id.replace("/", "--")
+        waited = lambda: self.log(f"{row.repo_id}: another qtk provision is working on it; waiting for its lock")  # noqa: E731
+        with store.lock(lock_name, timeout=self.opts.lock_timeout, on_wait=waited):
+            build = self._quantize(mp, row, inputs)
+            report = self._verify(mp, row, inputs, build)
+            if not self._gate(mp, recipe, row, inputs, report):
+                return
+            self._publish(mp, recipe, row, inputs, build, report)
+
+    def _quantize(self, mp: _ModelPlan, row: ArtifactRow, inputs: dict) -> Path:
+        from ..quantize.run import PROVENANCE_FILE, quantize
+
+        key = inputs["keys"]["quantize"]
+        build = self.store.build_dir(key)
+        if (build / PROVENANCE_FILE).is_file():
+            self.emit("quantize", "skipped", model=row.model, artifact=row.repo_id, key=key, reason="built earlier")
+            row.steps["quantize"] = "cached"
+            return build
+        with self.store.lock(f"build-{key}", timeout=self.opts.lock_timeout):  # two recipes, one key
+            if (build / PROVENANCE_FILE).is_file():
+                row.steps["quantize"] = "cached"
+                return build
+            logfile = self._step_log(row, "quantize")
+            self.emit("quantize", "start", model=row.model, artifact=row.repo_id, key=key,
+                      params=inputs["qopts"].to_dict(), log=str(logfile) if logfile else None)
+            t0 = time.monotonic()
+            with output_to_file(logfile):
+                res = quantize(mp.spec.repo, build, inputs["qopts"], revision=mp.pull_plan.commit, overwrite=True,
+                               settings=self.settings, log=self.log, warn=self.warn)
+            dt = time.monotonic() - t0
+            size = self.store.disk_usage(build)
+            self.emit("quantize", "done", model=row.model, artifact=row.repo_id, key=key, duration_s=round(dt, 2),
+                      bytes=size, device=res.provenance.get("device"))
+        row.steps["quantize"] = "done"
+        return build
+
+    def _verify(self, mp: _ModelPlan, row: ArtifactRow, inputs: dict, build: Path) -> dict:
+        from ..verify.run import verify
+
+        key = inputs["keys"]["verify"]
+        path = self.store.report_path(key)
+        report = self.store.read_json(path)
+        if report is not None:
+            self.emit("verify", "skipped", model=row.model, artifact=row.repo_id, key=key, reason="report exists")
+            row.steps["verify"] = "cached"
+            return report
+        logfile = self._step_log(row, "verify")
+        self.emit("verify", "start", model=row.model, artifact=row.repo_id, key=key,
+                  log=str(logfile) if logfile else None)
+        t0 = time.monotonic()
+        with output_to_file(logfile):
+            report = verify(str(mp.pull_plan.root), [str(build)], inputs["vopts"], log=self.log)
+        report["models"][0]["name"] = row.source
+        report["models"][1]["name"] = row.repo_id
+        self.store.write_json(path, report)
+        self.emit("verify", "done", model=row.model, artifact=row.repo_id, key=key,
+                  duration_s=round(time.monotonic() - t0, 2), metrics=_metrics(report))
+        row.steps["verify"] = "done"
+        return report
+
+    def _gate(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict, report: dict) -> bool:
+        from ..verify.run import check_gates
+
+        rep = copy.deepcopy(report)
+        failures = check_gates(rep, inputs["gates"])
+        row.metrics = _metrics(rep)
+        row.gate_failures = [f.split(": ", 1)[-1] for f in failures]
+        gates = {k: v for k, v in asdict(inputs["gates"]).items() if v not in (None, False)}
+        rec = self.store.record(row.repo_id) or {}
+        last = {"at": now_iso(), "run": self.summary.run_id, "keys": row.keys, "metrics": row.metrics, "gates": gates}
+        if failures:
+            row.steps["gate"] = "FAILED"
+            row.steps["publish"] = "blocked"
+            self.emit("gate", "failed", model=row.model, artifact=row.repo_id, metrics=row.metrics, gates=gates,
+                      failures=row.gate_failures)
+            self._write_record(row, rec, {**last, "result": "gate_failed", "gate_failures": row.gate_failures})
+            return False
+        row.steps["gate"] = "passed"
+        self.emit("gate", "passed", model=row.model, artifact=row.repo_id, metrics=row.metrics, gates=gates)
+        return True
+
+    def _write_record(self, row: ArtifactRow, rec: dict, last: dict) -> None:
+        rec = {**rec, "repo_id": row.repo_id, "model": row.model, "method": row.method, "source": row.source,
+               "last_run": last}
+        self.store.write_json(self.store.record_path(row.repo_id), rec)
+
+    def _publish(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict, build: Path,
+                 report: dict) -> None:
+        from ..verify.report import markdown
+
+        key = inputs["keys"]["publish"]
+        store = self.store
+        rec = store.record(row.repo_id) or {}
+        last = {"at": now_iso(), "run": self.summary.run_id, "keys": row.keys, "metrics": row.metrics,
+                "gates": {k: v for k, v in asdict(inputs["gates"]).items() if v not in (None, False)}}
+        if store.published_key(row.repo_id) == key:
+            self.emit("publish", "skipped", model=row.model, artifact=row.repo_id, key=key, reason="already published")
+            row.steps["publish"] = "cached"
+            self._write_record(row, rec, {**last, "result": "published"})
+        else:
+            self.emit("publish", "start", model=row.model, artifact=row.repo_id, key=key)
+            t0 = time.monotonic()
+            prov = {"qtk_version": __version__, "published": now_iso(), "repo_id": row.repo_id, "model": row.model,
+                    "source": mp.source | {"files": len(mp.source["files"])}, "recipe": {"name": recipe.name,
+                    "method": recipe.method, **inputs["qopts"].to_dict()},
+                    "calibration_sha256": inputs["calibration_sha256"], "keys": row.keys, "gates": last["gates"],
+                    "metrics": row.metrics, "manifest": str(self.m.path)}
+            card = (build / "README.md").read_text() if (build / "README.md").is_file() else f"# {row.repo_id}\n"
+            card += (f"\n## Verification (qtk provision)\n\nGates passed: "
+                     f"{', '.join(f'{k} {v}' for k, v in last['gates'].items()) or 'none set'}.\n\n" + markdown(report))
+            extra = {"qtk_verify_report.json": json.dumps(report, indent=2, default=str) + "\n",
+                     "qtk_provision.json": json.dumps(prov, indent=2, default=str) + "\n", "README.md": card}
+            with store.lock("publish", timeout=self.opts.lock_timeout):  # one writer of links at a time
+                previous = store.published_key(row.repo_id)
+                store.publish(row.repo_id, key, build, extra)
+                rec = {**(store.record(row.repo_id) or rec), "published": {"key": key, "at": now_iso(),
+                       "keys": row.keys, "metrics": row.metrics}, "previous": previous}
+                self._write_record(row, rec, {**last, "result": "published"})
+                if self.opts.prune:
+                    keep = {k for r in store.records_all() for k in (r.get("published", {}).get("key"), r.get("previous")) if k}
+                    keep |= {k for r in store.records_all() if (k := store.published_key(r["repo_id"]))}
+                    store.prune_artifacts(keep)
+            self.emit("publish", "done", model=row.model, artifact=row.repo_id, key=key, previous=previous,
+                      path=str(store.repo_path(row.repo_id)), duration_s=round(time.monotonic() - t0, 2))
+            row.steps["publish"] = "done"
+        self._push(mp, row, key)
+
+    def _push(self, mp: _ModelPlan, row: ArtifactRow, key: str) -> None:
+        """Optionally upload the published version to a Hub endpoint (huggingface_hub's upload API)."""
+        pub = mp.spec.publish
+        push = pub.get("push_to_hub", False) if self.opts.push is None else self.opts.push
+        if not push:
+            return
+        from huggingface_hub import HfApi
+
+        from ..hub._errors import HubContext, map_hub_errors
+        from ..hub.auth import get_token
+
+        hub_repo = f"{pub.get('hub_org') or row.repo_id.split('/')[0]}/{row.repo_id.split('/')[1]}"
+        rec = self.store.record(row.repo_id) or {}
+        if rec.get("pushed", {}).get("key") == key and rec["pushed"].get("repo") == hub_repo:
+            self.emit("push", "skipped", model=row.model, artifact=row.repo_id, hub_repo=hub_repo, reason="pushed")
+            return
+        token = get_token(self.settings)
+        if token is None:
+            raise errors.NotLoggedInError(f"publish.push_to_hub needs a token to create {hub_repo}.",
+                                          hint="Run `qtk login` or set HF_TOKEN.")
+        self.emit("push", "start", model=row.model, artifact=row.repo_id, hub_repo=hub_repo)
+        t0 = time.monotonic()
+        api = HfApi(endpoint=self.settings.endpoint, token=token.value, library_name="qtk", library_version=__version__)
+        with map_hub_errors(HubContext(self.settings.endpoint, hub_repo, "main", has_token=True)):
+            api.create_repo(hub_repo, private=pub.get("hub_private", True), exist_ok=True)
+            info = api.upload_folder(folder_path=str(self.store.artifacts / key), repo_id=hub_repo,
+                                     commit_message=f"qtk provision: {row.repo_id} ({key})")
+        rec["pushed"] = {"key": key, "repo": hub_repo, "at": now_iso(), "commit": getattr(info, "oid", None)}
+        self.store.write_json(self.store.record_path(row.repo_id), rec)
+        self.emit("push", "done", model=row.model, artifact=row.repo_id, hub_repo=hub_repo,
+                  duration_s=round(time.monotonic() - t0, 2))
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, *, model: str, rows: list[ArtifactRow], step: str) -> None:
+        err = _error_dict(exc)
+        self.emit(step, "error", model=model, artifact=rows[0].repo_id if len(rows) == 1 else None, error=err)
+        if not rows:
+            self.summary.model_errors.append({"model": model, "step": step, **err})
+        for row in rows:
+            row.error = err
+            row.steps[step] = "ERROR"
+            if not self.opts.dry_run:
+                rec = self.store.record(row.repo_id) or {}
+                self._write_record(row, rec, {"at": now_iso(), "run": self.summary.run_id, "result": "error",
+                                              "step": step, "error": err})
+        if self.summary.first_error is None:
+            self.summary.first_error = exc
+        if not self.opts.keep_going:
+            raise _Stop from None
+
+    def run(self) -> Summary:
+        t0 = time.monotonic()
+        models = [s for s in self.m.models if not self.opts.only or s.name in self.opts.only or s.repo in self.opts.only]
+        if self.opts.only and not models:
+            raise errors.UsageError(f"--only {', '.join(self.opts.only)} matches no model of {self.m.path}.",
+                                    hint="Models: " + ", ".join(s.name for s in self.m.models))
+        if not self.opts.dry_run:
+            self.store.init()
+            self.store.clean_stale()
+        plans: list[_ModelPlan] = []
+        try:
+            for spec in models:  # stage 1: metadata only
+                try:
+                    mp = self._plan_model(spec)
+                except Exception as exc:  # noqa: BLE001 - recorded, then stop or go on
+                    self._fail(exc, model=spec.name, rows=[], step="plan")
+                    continue
+                self._state(mp)
+                plans.append(mp)
+                self.summary.rows += [row for _r, row, _i in mp.artifacts]
+            self._check_disk(plans)
+            if self.opts.dry_run:
+                return self.summary
+            for mp in plans:  # stage 2
+                rows = [row for _r, row, _i in mp.artifacts]
+                try:
+                    self._pull(mp)
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(exc, model=mp.spec.name, rows=rows, step="pull")
+                    continue
+                for recipe, row, inputs in mp.artifacts:
+                    t1 = time.monotonic()
+                    step = lambda: next((s for s in STEPS if row.steps[s] in ("to run", "to check", "-")), "publish")  # noqa: E731
+                    try:
+                        self._artifact(mp, recipe, row, inputs)
+                    except Exception as exc:  # noqa: BLE001
+                        self._fail(exc, model=mp.spec.name, rows=[row], step=step())
+                    finally:
+                        row.seconds = round(time.monotonic() - t1, 2)
+                    if row.gate_failures and not self.opts.keep_going:
+                        raise _Stop
+        except _Stop:
+            pass
+        finally:
+            self.summary.seconds = time.monotonic() - t0
+        return self.summary
+
+
+class _Stop(Exception):
+    """Stop after the first failure (no --keep-going)."""
+
+
+def _metrics(report: dict) -> dict:
+    ref, cand = report["models"][0], report["models"][-1]
+    kl = cand.get("kl") or {}
+    smoke = cand.get("smoke") or []
+    return {
+        "ppl_reference": round(ref["perplexity"]["ppl"], 4),
+        "ppl": round(cand["perplexity"]["ppl"], 4),
+        "ppl_increase_pct": round((cand["perplexity"]["ppl"] / ref["perplexity"]["ppl"] - 1) * 100, 2),
+        "kld_mean": round(kl["mean"], 5) if kl else None,
+        "top1_pct": round(kl["top1_agreement"] * 100, 2) if kl else None,
+        "smoke_ok": f"{sum(s['ok'] for s in smoke)}/{len(smoke)}" if smoke else None,
+        "size_bytes": cand["size_bytes"],
+    }
+
+
+def provision(manifest: Manifest, opts: ProvisionOptions | None = None, **kw) -> Summary:
+    return Provisioner(manifest, opts or ProvisionOptions(), **kw).run()
