@@ -120,7 +120,7 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
                             push=push, prune=not no_prune, backend_output=verbose)
 
     def on_event(e: dict) -> None:
-        if e["result"] in ("start", "error") or e["step"] == "gate" or e["result"] == "done" and e["step"] == "pull":
+        if e["result"] in ("start", "error", "waiting") or e["step"] == "gate" or e["result"] == "done" and e["step"] == "pull":
             what = e.get("artifact") or e["model"]
             extra = ""
             if e["step"] == "gate":

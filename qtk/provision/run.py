@@ -320,10 +320,14 @@ class Provisioner:
             row.steps["pull"] = status
 
     def _artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict) -> None:
-        spec, store = mp.spec, self.store
+        store = self.store
         lock_name = "artifact-" + row.repo_id.replace("/", "--")
-        waited = lambda: self.log(f"{row.repo_id}: another qtk provision is working on it; waiting for its lock")  # noqa: E731
-        with store.lock(lock_name, timeout=self.opts.lock_timeout, on_wait=waited):
+
+        def waiting() -> None:
+            self.emit("lock", "waiting", model=row.model, artifact=row.repo_id,
+                      reason="another qtk provision is working on this artifact")
+
+        with store.lock(lock_name, timeout=self.opts.lock_timeout, on_wait=waiting):
             build = self._quantize(mp, row, inputs)
             report = self._verify(mp, row, inputs, build)
             if not self._gate(mp, recipe, row, inputs, report):

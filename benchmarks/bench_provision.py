@@ -1,0 +1,111 @@
+"""qtk provision's cost over doing the same steps by hand, and the cost of a re-run that has nothing to do.
+
+    python benchmarks/bench_provision.py [--layers 4] [--json out.json]
+
+Real SmolLM2-135M-Instruct weights (first --layers decoder layers, BF16) served by a local Hub mirror.
+Anchor, measured in the same run: the library calls a script would make — qtk.hub pull, qtk.quantize
+(GPTQ g64 and NF4) and qtk.verify of each against the source — with the same options, before and after
+(the better counts). Between them, `qtk provision` of a manifest with the same recipes on a fresh cache and store (first run), and once
+more (second run: every step skipped). Backends are imported before either is timed.
+Ratios: first run / anchor (the orchestration's overhead: hashing, locks, publish, records) and
+second run / first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+QUANT = {"samples": 16, "seq_len": 128, "group_size": 64, "calibration": "chat"}
+VERIFY = {"text": "prose-heldout", "ctx": 256, "max_tokens": 1024, "smoke": False}
+
+
+def manifest(path: Path) -> Path:
+    q = "\n".join(f"{k} = {json.dumps(v)}" for k, v in QUANT.items())
+    v = "\n".join(f"{k} = {json.dumps(v)}" for k, v in VERIFY.items()).replace("false", "false")
+    path.write_text(f'store = "store"\n[defaults]\ndevice = "cpu"\n[defaults.quantize]\n{q}\n[defaults.verify]\n{v}\n'
+                    '[[models]]\nrepo = "acme/smol"\nname = "smol"\n[[models.recipes]]\nmethod = "gptq"\n'
+                    '[[models.recipes]]\nmethod = "nf4"\n')
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import bitsandbytes  # noqa: F401  - imports paid before timing
+    import gptqmodel  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from hubtest import start_server
+
+    from qtk.embedded import build_bf16_checkpoint
+    from qtk.hub.download import plan_pull, pull
+    from qtk.provision import ProvisionOptions, load_manifest, provision
+    from qtk.quantize.base import QuantizeOptions
+    from qtk.quantize.run import quantize
+    from qtk.verify.run import VerifyOptions, verify
+
+    cache = Path(os.environ.get("QTK_TEST_CACHE", ROOT / ".qtk-test-cache"))
+    full = build_bf16_checkpoint(cache / "smollm2-135m-bf16")
+    src = build_bf16_checkpoint(cache / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=full)
+    work = Path(tempfile.mkdtemp(prefix="qtk-bench-provision-"))
+    shutil.copytree(src, work / "upstream" / "acme" / "smol")
+    srv = start_server(work / "upstream")
+    os.environ.update(HF_ENDPOINT=srv.url, HF_HUB_DISABLE_TELEMETRY="1")
+    try:
+        def run_anchor(tag: str) -> float:  # the same steps as library calls
+            os.environ["HF_HOME"] = str(work / f"hf-anchor-{tag}")
+            t0 = time.monotonic()
+            p = pull(plan_pull("acme/smol", include=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])).plan
+            outs = []
+            for method in ("gptq", "nf4"):
+                o = QuantizeOptions(method=method, device="cpu", **QUANT)
+                outs.append(quantize("acme/smol", work / f"anchor-{tag}-{method}", o, revision=p.commit).out)
+            for o in outs:
+                verify(str(p.root), [str(o)], VerifyOptions(device="cpu", **VERIFY))
+            return time.monotonic() - t0
+
+        anchors = [run_anchor("before")]
+        os.environ["HF_HOME"] = str(work / "hf-provision")
+        m = load_manifest(manifest(work / "m.toml"))
+        t0 = time.monotonic()
+        s1 = provision(m, ProvisionOptions())
+        first = time.monotonic() - t0
+        assert s1.exit_code == 0, s1.to_dict()
+        t0 = time.monotonic()
+        s2 = provision(m, ProvisionOptions())
+        second = time.monotonic() - t0
+        assert s2.exit_code == 0 and s2.bytes_downloaded == 0
+        anchors.append(run_anchor("after"))  # before and after: first-use costs do not favour either side
+        anchor = min(anchors)
+    finally:
+        srv.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+              "layers": args.layers, "anchor_s": round(anchor, 2), "anchors_s": [round(a, 2) for a in anchors], "provision_first_s": round(first, 2),
+              "provision_second_s": round(second, 3), "first_over_anchor": round(first / anchor, 3),
+              "second_over_first": round(second / first, 4),
+              "steps_first": [{a.repo_id: a.steps} for a in s1.rows]}
+    print(f"anchor (pull + 2 x quantize + 2 x verify, library calls): {anchor:.1f} s "
+          f"(best of {', '.join(f'{a:.1f}' for a in anchors)}: before and after qtk provision)")
+    print(f"qtk provision, first run:  {first:.1f} s  = {first / anchor:.3f}x the anchor")
+    print(f"qtk provision, second run: {second:.2f} s  = {second / first:.4f}x the first run (nothing to do)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
