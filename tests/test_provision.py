@@ -313,10 +313,12 @@ def test_unreachable_endpoint_and_auth_errors_as_pull(qtk, tmp_path, monkeypatch
     assert first.replace("Error: ", "") in r.stderr  # the same message as qtk pull
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    r = qtk("provision", str(m))
+    assert r.exit_code == 30, r.stderr  # the error's own code when it stops the run
     r = qtk("provision", str(m), "--keep-going", "--json")
     s = json.loads(r.stdout)
-    assert r.exit_code == 30
-    assert s["model_errors"][0]["error"] == "NetworkError"
+    assert r.exit_code == 60  # --keep-going: "some models failed with errors"; each one's code is in the summary
+    assert s["model_errors"][0]["error"] == "NetworkError" and s["model_errors"][0]["exit_code"] == 30
 
 
 @pytest.mark.parametrize("text, where, words", [

@@ -87,6 +87,7 @@ class Summary:
     run_id: str
     store: Path
     dry_run: bool
+    keep_going: bool = False
     rows: list[ArtifactRow] = field(default_factory=list)
     model_errors: list[dict] = field(default_factory=list)  # errors before any artifact existed
     first_error: BaseException | None = None
@@ -96,13 +97,10 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        """0 all good; 3 only gate failures; an error's own code when one error stopped the run;
-        60 when --keep-going carried on past errors."""
-        errs = [r for r in self.rows if r.error] + self.model_errors
-        if self.first_error is not None and len(errs) <= 1:
-            return errors.exit_code_for(self.first_error)
-        if errs:
-            return errors.ProvisionFailedError.exit_code
+        """0 all good; 3 only gate failures; 60 when --keep-going carried on past errors; without
+        --keep-going the error that stopped the run gives its own code."""
+        if self.first_error is not None:
+            return errors.ProvisionFailedError.exit_code if self.keep_going else errors.exit_code_for(self.first_error)
         if any(r.gate_failures for r in self.rows):
             return errors.GateFailedError.exit_code
         return 0
@@ -137,7 +135,7 @@ class Provisioner:
         self.settings = settings or Settings.from_env()
         self.store = ProvisionStore(manifest.store)
         self.on_event, self.log, self.warn = on_event, log, warn
-        self.summary = Summary(uuid.uuid4().hex[:12], self.store.root, opts.dry_run)
+        self.summary = Summary(uuid.uuid4().hex[:12], self.store.root, opts.dry_run, opts.keep_going)
         self._digests: dict[tuple, str] = {}
         from ..verify.run import _resolve_device
 
