@@ -39,12 +39,17 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
-def free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem that will hold ``path`` (its nearest existing ancestor)."""
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing ancestor (what will hold it)."""
     p = Path(path).absolute()
     while not p.exists():
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing ancestor)."""
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 @dataclass(frozen=True)

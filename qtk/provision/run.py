@@ -123,7 +123,6 @@ class _ModelPlan:
     spec: ModelSpec
     pull_plan: object  # qtk.hub.download.PullPlan
     source: dict
-    shape: object | None  # qtk.plan.ModelShape
     artifacts: list[tuple[Recipe, ArtifactRow, dict]]  # recipe, row, step inputs
 
 
@@ -196,7 +195,7 @@ class Provisioner:
         repo_id = spec.artifact_repo(recipe)
         pkey = _key({"v": 1, "quantize": qkey, "verify": vkey, "gates": asdict(gates), "repo": repo_id})
         return {"qopts": q, "vopts": v, "gates": gates, "keys": {"quantize": qkey, "verify": vkey, "publish": pkey},
-                "calibration_sha256": cal, "method": method}
+                "calibration_sha256": cal, "gates_set": {k: v for k, v in asdict(gates).items() if v not in (None, False)}}
 
     def _memory(self, shape, recipe_opts, ctx: int) -> dict:
         from ..plan import FORMATS, GB, device_capacity, inference_memory, quantize_memory, quantized_format, weight_bytes
@@ -207,15 +206,16 @@ class Provisioner:
         qm = quantize_memory(shape, q.method, device=self.device, group_size=q.group_size, samples=q.samples,
                              seq_len=q.seq_len)
         fmt = quantized_format(q.method, q.group_size)
+        out_bytes = weight_bytes(shape, fmt)
         verify_need = inference_memory(shape, FORMATS["bf16"], device=self.device, ctx=ctx) + \
             inference_memory(shape, fmt, device=self.device, ctx=ctx)
         label, free = device_capacity(self.device)
         need = max(qm["device_bytes"], verify_need)
         return {"device": label, "params": shape.total, "bf16_GB": weight_bytes(shape, FORMATS["bf16"]) / GB,
-                "output_GB": weight_bytes(shape, fmt) / GB, "quantize_device_GB": qm["device_bytes"] / GB,
+                "output_GB": out_bytes / GB, "quantize_device_GB": qm["device_bytes"] / GB,
                 "quantize_host_GB": qm["host_bytes"] / GB, "verify_GB": verify_need / GB,
                 "free_GB": None if free is None else free / GB, "fits": None if free is None else need <= free,
-                "output_bytes": weight_bytes(shape, fmt)}
+                "output_bytes": out_bytes}
 
     # -- stage 1: plan ----------------------------------------------------------------------------
 
@@ -248,7 +248,7 @@ class Provisioner:
                               keys=inputs["keys"])
             row.memory = self._memory(shape, inputs["qopts"], inputs["vopts"].ctx)
             arts.append((r, row, inputs))
-        return _ModelPlan(spec, p, source, shape, arts)
+        return _ModelPlan(spec, p, source, arts)
 
     def _state(self, mp: _ModelPlan) -> None:
         """What exists already, per step (for the dry run and the disk preflight)."""
@@ -267,16 +267,13 @@ class Provisioner:
             row.steps["publish"] = "done" if self.store.published_key(row.repo_id) == k["publish"] else "to run"
 
     def _check_disk(self, plans: list[_ModelPlan]) -> None:
-        from ..hub.download import free_bytes, human_bytes
+        from ..hub.download import existing_ancestor, free_bytes, human_bytes
 
         need: dict[int, list] = {}  # st_dev -> [bytes, path]
 
         def add(path: Path, n: int) -> None:
-            p = Path(path)
-            while not p.exists():
-                p = p.parent
-            dev = os.stat(p).st_dev
-            need.setdefault(dev, [0, p])[0] += n
+            p = existing_ancestor(path)
+            need.setdefault(os.stat(p).st_dev, [0, p])[0] += n
 
         seen_repos = set()
         for mp in plans:
@@ -288,8 +285,8 @@ class Provisioner:
                 if row.steps["quantize"] == "to run" and row.memory.get("output_bytes"):
                     add(self.store.root, int(row.memory["output_bytes"] * 1.1))
         self.summary.disk = {str(p): {"needed_bytes": n, "free_bytes": free_bytes(p)} for n, p in need.values()}
-        for n, p in need.values():
-            free = free_bytes(p)
+        for p, d in self.summary.disk.items():
+            n, free = d["needed_bytes"], d["free_bytes"]
             if n > free:
                 raise errors.DiskSpaceError(
                     f"The plan needs {human_bytes(n)} on the filesystem of {p} (downloads and quantized outputs "
@@ -390,19 +387,22 @@ class Provisioner:
         failures = check_gates(rep, inputs["gates"])
         row.metrics = _metrics(rep)
         row.gate_failures = [f.split(": ", 1)[-1] for f in failures]
-        gates = {k: v for k, v in asdict(inputs["gates"]).items() if v not in (None, False)}
-        rec = self.store.record(row.repo_id) or {}
-        last = {"at": now_iso(), "run": self.summary.run_id, "keys": row.keys, "metrics": row.metrics, "gates": gates}
+        gates = inputs["gates_set"]
         if failures:
             row.steps["gate"] = "FAILED"
             row.steps["publish"] = "blocked"
             self.emit("gate", "failed", model=row.model, artifact=row.repo_id, metrics=row.metrics, gates=gates,
                       failures=row.gate_failures)
-            self._write_record(row, rec, {**last, "result": "gate_failed", "gate_failures": row.gate_failures})
+            self._write_record(row, self.store.record(row.repo_id) or {},
+                               self._last_run(row, inputs, "gate_failed", gate_failures=row.gate_failures))
             return False
         row.steps["gate"] = "passed"
         self.emit("gate", "passed", model=row.model, artifact=row.repo_id, metrics=row.metrics, gates=gates)
         return True
+
+    def _last_run(self, row: ArtifactRow, inputs: dict, result: str, **extra) -> dict:
+        return {"at": now_iso(), "run": self.summary.run_id, "keys": row.keys, "metrics": row.metrics,
+                "gates": inputs["gates_set"], "result": result, **extra}
 
     def _write_record(self, row: ArtifactRow, rec: dict, last: dict) -> None:
         rec = {**rec, "repo_id": row.repo_id, "model": row.model, "method": row.method, "source": row.source,
@@ -415,13 +415,11 @@ class Provisioner:
 
         key = inputs["keys"]["publish"]
         store = self.store
-        rec = store.record(row.repo_id) or {}
-        last = {"at": now_iso(), "run": self.summary.run_id, "keys": row.keys, "metrics": row.metrics,
-                "gates": {k: v for k, v in asdict(inputs["gates"]).items() if v not in (None, False)}}
+        last = self._last_run(row, inputs, "published")
         if store.published_key(row.repo_id) == key:
             self.emit("publish", "skipped", model=row.model, artifact=row.repo_id, key=key, reason="already published")
             row.steps["publish"] = "cached"
-            self._write_record(row, rec, {**last, "result": "published"})
+            self._write_record(row, store.record(row.repo_id) or {}, last)
         else:
             self.emit("publish", "start", model=row.model, artifact=row.repo_id, key=key)
             t0 = time.monotonic()
@@ -438,12 +436,12 @@ class Provisioner:
             with store.lock("publish", timeout=self.opts.lock_timeout):  # one writer of links at a time
                 previous = store.published_key(row.repo_id)
                 store.publish(row.repo_id, key, build, extra)
-                rec = {**(store.record(row.repo_id) or rec), "published": {"key": key, "at": now_iso(),
+                rec = {**(store.record(row.repo_id) or {}), "published": {"key": key, "at": now_iso(),
                        "keys": row.keys, "metrics": row.metrics}, "previous": previous}
-                self._write_record(row, rec, {**last, "result": "published"})
+                self._write_record(row, rec, last)
                 if self.opts.prune:
-                    keep = {k for r in store.records_all() for k in (r.get("published", {}).get("key"), r.get("previous")) if k}
-                    keep |= {k for r in store.records_all() if (k := store.published_key(r["repo_id"]))}
+                    keep = {k for r in store.records_all() for k in (
+                        r.get("published", {}).get("key"), r.get("previous"), store.published_key(r["repo_id"])) if k}
                     store.prune_artifacts(keep)
             self.emit("publish", "done", model=row.model, artifact=row.repo_id, key=key, previous=previous,
                       path=str(store.repo_path(row.repo_id)), duration_s=round(time.monotonic() - t0, 2))

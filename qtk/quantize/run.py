@@ -96,9 +96,9 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
             f"The output needs roughly {need / 1e9:.2f} GB in {out_parent}; {free / 1e9:.2f} GB are free.",
             hint="Free space or choose another -o.",
         )
-    if device == "cuda":  # the planner's estimate of what lands on the GPU, before loading anything
-        from ..plan import check_fits, quantize_memory, shape_from_config
+    from ..plan import check_fits, device_capacity, quantize_memory, shape_from_config
 
+    if device == "cuda":  # the planner's estimate of what lands on the GPU, before loading anything
         with contextlib.suppress(errors.ModelFormatError):  # a config the planner cannot read: no estimate
             shape = shape_from_config(model.config)
             need = quantize_memory(shape, method.name, device="cuda", group_size=options.group_size,
@@ -106,13 +106,12 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
             check_fits(need, "cuda", f"Quantizing {model.repo_id or model.path.name} with {method.name}",
                        hint="Lower --samples/--seq-len (activations scale with both), or use a bigger GPU.")
     if device == "cpu":
-        with contextlib.suppress(OSError, ValueError):
-            avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-            if model.weight_bytes * 1.5 > avail:
-                raise errors.ResourceError(
-                    f"The model needs ~{model.weight_bytes * 1.5 / 1e9:.1f} GB of RAM on CPU; {avail / 1e9:.1f} GB available.",
-                    hint="Use a GPU (--device cuda) or a machine with more memory.",
-                )
+        _, avail = device_capacity("cpu")
+        if avail is not None and model.weight_bytes * 1.5 > avail:
+            raise errors.ResourceError(
+                f"The model needs ~{model.weight_bytes * 1.5 / 1e9:.1f} GB of RAM on CPU; {avail / 1e9:.1f} GB available.",
+                hint="Use a GPU (--device cuda) or a machine with more memory.",
+            )
         if model.num_params > _CPU_WARN_PARAMS:
             scale = options.samples * options.seq_len / (64 * 256) if method.needs_calibration else 1
             est = model.num_params / 1e6 * _CPU_SECONDS_PER_MPARAM.get(method.name, 1) * scale

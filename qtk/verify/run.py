@@ -146,10 +146,9 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
 
     from .models import detect_format
 
-    for spec in [reference, *candidates]:  # refuse a bad file before loading anything
-        if Path(spec).exists():
-            detect_format(Path(spec))
-    _check_memory([reference, *candidates], device, opts.ctx)
+    # refuse a bad file, or models that cannot fit together, before loading anything
+    local = {spec: detect_format(Path(spec)) for spec in [reference, *candidates] if Path(spec).exists()}
+    _check_memory([reference, *candidates], local, device, opts.ctx)
     models: list[tuple[str, Model, int | None]] = []
     for i, spec in enumerate([reference, *candidates]):
         before = _rss_bytes()
@@ -204,34 +203,36 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
     }
 
 
-def _memory_needed(path, device: str, ctx: int) -> tuple[str, int] | None:
-    """(where, bytes): the planner's estimate for holding one local model (None: not one it can read)."""
+def _memory_needed(path, fmt: str, device: str, ctx: int) -> tuple[str, int] | None:
+    """(where, bytes): the planner's estimate for holding one local model of format ``fmt`` (None: not
+    one it can read)."""
     from pathlib import Path
 
     from ..hfload import read_config
     from ..plan import FORMATS, inference_memory, quantized_format, shape_from_config
 
     p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
+    if fmt == "gguf":
         return "cpu", p.stat().st_size  # llama.cpp maps the file on the CPU; its KV cache is small next to it
-    if not p.is_dir() or not (p / "config.json").is_file():
-        return None
     try:
         cfg = read_config(p, missing=f"{p} has no config.json.")
         shape = shape_from_config(cfg)
     except errors.QtkError:
         return None
     qc = cfg.get("quantization_config") or {}
-    method = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "nf4"}.get(str(qc.get("quant_method", "")).lower())
-    fmt = quantized_format(method, int(qc.get("group_size") or 128)) if method else FORMATS["bf16"]
-    return device, inference_memory(shape, fmt, device=device, ctx=ctx)
+    weights = quantized_format(fmt, int(qc.get("group_size") or 128)) if fmt in ("gptq", "awq", "nf4") \
+        else FORMATS["bf16"]
+    return device, inference_memory(shape, weights, device=device, ctx=ctx)
 
 
-def _check_memory(specs: list[str], device: str, ctx: int) -> None:
-    """verify holds every model at once: refuse before loading the first one when they cannot fit."""
+def _check_memory(specs: list[str], local: dict[str, str], device: str, ctx: int) -> None:
+    """verify holds every model at once: refuse before loading the first one when they cannot fit.
+    ``local``: the format of each spec that is a local path (repo ids are sized only once pulled)."""
     from ..plan import check_fits
 
-    needs = [_memory_needed(s, device, ctx) for s in specs]
+    if any(s not in local for s in specs):
+        return
+    needs = [_memory_needed(s, local[s], device, ctx) for s in specs]
     if any(n is None for n in needs):
         return
     for where in {w for w, _ in needs}:
