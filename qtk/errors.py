@@ -29,6 +29,7 @@ matching built-in, so callers may catch ``FileNotFoundError`` or the precise qtk
     │   ├── CalibrationError (ValueError)      exit 54  calibration data unusable or too small
     │   └── ResourceError (MemoryError)        exit 55  out of memory (the hint says what to lower)
     ├── DiskSpaceError (OSError)               exit 40  not enough free space for the plan
+    ├── NotWritableError (PermissionError)     exit 41  destination read-only or not writable
     └── ProvisionFailedError                   exit 60  qtk provision --keep-going: some models failed with errors
 
     KeyboardInterrupt                          exit 130 (partial downloads are kept for resume)
@@ -57,6 +58,7 @@ __all__ = [
     "LockTimeoutError",
     "NetworkError",
     "DiskSpaceError",
+    "NotWritableError",
     "GateFailedError",
     "QuantizeError",
     "BackendUnavailableError",
@@ -265,6 +267,12 @@ class DiskSpaceError(QtkError, OSError):
     """Not enough free disk space for the plan."""
 
     exit_code = 40
+
+
+class NotWritableError(QtkError, PermissionError):
+    """The destination (cache, local dir, output) is read-only or not writable by this user."""
+
+    exit_code = 41
 
 
 class ProvisionFailedError(QtkError):

@@ -1,0 +1,132 @@
+"""Validation of every name that comes from outside (a server, a user, a request) and may become a path.
+
+One owner for these rules: ``qtk pull`` (server-supplied oids, commit shas, revisions, file paths),
+the HF cache layout (``refs/<name>``, ``blobs/<oid>``, ``snapshots/<commit>``) and ``qtk serve``
+(repo ids and revisions in request paths) all call these functions before a name touches the
+filesystem.
+
+Each ``check_*`` function raises :class:`qtk.errors.UnsafePathError` (a ``ValueError``) naming what was
+refused; each ``is_*`` function answers without raising.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+from .. import errors
+
+__all__ = [
+    "REPO_ID_MAX",
+    "is_commit_sha",
+    "is_oid",
+    "is_repo_id",
+    "is_ref_name",
+    "is_repo_path",
+    "check_commit_sha",
+    "check_oid",
+    "check_repo_id",
+    "check_ref_name",
+    "check_repo_path",
+]
+
+REPO_ID_MAX = 96  # per part, as the Hub (huggingface_hub's validate_repo_id)
+REF_NAME_MAX = 255
+REPO_PATH_MAX = 1024
+
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_OID_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# The Hub's rules (huggingface_hub.utils.validate_repo_id), restricted to ASCII: letters, digits, "_-."
+# per part; a part starts and ends with a letter, digit or "_"; no "--" and no ".."; not ".git".
+_REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,%d}[A-Za-z0-9_])?" % (REPO_ID_MAX - 2))
+# git check-ref-format: no control chars, space, ~ ^ : ? * [ \ DEL anywhere
+_REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
+
+
+def is_commit_sha(value: object) -> bool:
+    """A full lowercase 40-hex commit sha (what the Hub returns and what snapshot folders are named)."""
+    return isinstance(value, str) and _COMMIT_RE.fullmatch(value) is not None
+
+
+def is_oid(value: object) -> bool:
+    """A blob name: git blob sha1 (40 hex) or LFS sha256 (64 hex), lowercase."""
+    return isinstance(value, str) and _OID_RE.fullmatch(value) is not None
+
+
+def is_repo_id(value: object) -> bool:
+    """``name`` or ``namespace/name`` by the Hub's rules (ASCII only)."""
+    if not isinstance(value, str) or not value or value.count("/") > 1:
+        return False
+    if "--" in value or ".." in value or value.endswith(".git"):
+        return False
+    return all(_REPO_PART_RE.fullmatch(part) for part in value.split("/"))
+
+
+def is_ref_name(value: object) -> bool:
+    """A branch or tag name by git's rules (``git check-ref-format --allow-onelevel``), or a commit sha."""
+    if not isinstance(value, str) or not value or len(value) > REF_NAME_MAX:
+        return False
+    if value == "@" or "@{" in value or ".." in value or "//" in value:
+        return False
+    if _REF_FORBIDDEN_RE.search(value) or not value.isascii():
+        return False
+    if value.startswith("/") or value.endswith(("/", ".", ".lock")):
+        return False
+    return all(part and not part.startswith(".") and not part.endswith(".lock") for part in value.split("/"))
+
+
+def is_repo_path(value: object) -> bool:
+    """A relative POSIX path inside a repo: no empty, ``.`` or ``..`` part, not absolute, no backslash,
+    no NUL or other control character, no drive letter."""
+    if not isinstance(value, str) or not value or len(value) > REPO_PATH_MAX:
+        return False
+    if value.startswith("/") or "\\" in value or re.match(r"^[A-Za-z]:", value):
+        return False
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        return False
+    parts = value.split("/")
+    return all(p not in ("", ".", "..") for p in parts) and not PurePosixPath(value).is_absolute()
+
+
+def _refuse(kind: str, value: object, why: str) -> errors.UnsafePathError:
+    shown = value if isinstance(value, str) and len(value) <= 120 else f"{str(value)[:120]}..."
+    return errors.UnsafePathError(
+        f"Refusing the {kind} {shown!r}: {why}.",
+        hint="Nothing was written. If a server sent it, the endpoint is broken or hostile: report it.",
+    )
+
+
+def check_commit_sha(value: object, *, what: str = "commit sha") -> str:
+    if not is_commit_sha(value):
+        raise _refuse(what, value, "a commit must be 40 lowercase hex characters")
+    return value  # type: ignore[return-value]
+
+
+def check_oid(value: object, *, what: str = "file oid") -> str:
+    if not is_oid(value):
+        raise _refuse(what, value, "a blob id must be a 40-hex git sha1 or a 64-hex sha256")
+    return value  # type: ignore[return-value]
+
+
+def check_repo_id(value: object) -> str:
+    if not is_repo_id(value):
+        raise _refuse(
+            "repo id", value,
+            f"expected 'name' or 'namespace/name' of ASCII letters, digits, '_', '-', '.' (at most {REPO_ID_MAX} "
+            "per part, no '--' or '..', not starting or ending with '-' or '.')",
+        )
+    return value  # type: ignore[return-value]
+
+
+def check_ref_name(value: object, *, what: str = "revision") -> str:
+    if not is_ref_name(value):
+        raise _refuse(what, value, "not a valid git branch or tag name (no '..', '~', '^', ':', spaces, "
+                                   "leading '.', trailing '/' or '.lock')")
+    return value  # type: ignore[return-value]
+
+
+def check_repo_path(value: object) -> str:
+    if not is_repo_path(value):
+        raise _refuse("remote file name", value, "it is empty, absolute, or contains '..', '.', '\\' or a "
+                                                 "control character")
+    return value  # type: ignore[return-value]
