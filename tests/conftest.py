@@ -21,8 +21,7 @@ def rand(n: int, seed: int) -> bytes:
 
 def tiny_llama_files() -> dict[str, bytes]:
     """A 2-layer Llama with random weights (numpy only), loadable by transformers."""
-    import numpy as np
-
+    np = pytest.importorskip("numpy")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,

@@ -29,11 +29,16 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import errors
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
+    import tomli as tomllib
 
 __all__ = ["Manifest", "ModelSpec", "Recipe", "load_manifest", "ManifestError"]
 

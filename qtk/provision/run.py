@@ -162,9 +162,9 @@ class Provisioner:
     def _text_digest(self, spec: str, text_field: str | None) -> str:
         k = (spec, text_field)
         if k not in self._digests:
-            from ..quantize.calibration import load_calibration
+            from ..texts import load_texts
 
-            self._digests[k] = load_calibration(spec, text_field=text_field, settings=self.settings).sha256
+            self._digests[k] = load_texts(spec, text_field=text_field, settings=self.settings).sha256
         return self._digests[k]
 
     def _inputs(self, spec: ModelSpec, recipe: Recipe, source: dict) -> dict:

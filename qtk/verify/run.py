@@ -7,7 +7,6 @@ whole-vocab logits per model is alive at a time.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from .kl import KLAccumulator
 from .models import Model, _rss_bytes, open_model
 from .perplexity import summarize, token_nll, windows
 from .smoke import run_smoke
+from ..texts import joined_text as load_text  # the one text loader (qtk.texts)
 
 __all__ = ["VerifyOptions", "Gates", "verify", "check_gates", "load_text"]
 
@@ -65,16 +65,6 @@ class ModelReport:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def load_text(spec: str, text_field: str | None) -> tuple[str, str]:
-    """(text, sha256) from a named set, a file, or a hub dataset (qtk's calibration readers)."""
-    from ..quantize.calibration import load_calibration
-
-    cal = load_calibration(spec, text_field=text_field)
-    docs = [d if isinstance(d, str) else "\n".join(m["content"] for m in d) for d in cal.documents]
-    text = "\n\n".join(docs)
-    return text, hashlib.sha256(text.encode()).hexdigest()
 
 
 def _resolve_device(device: str) -> str:

@@ -13,9 +13,9 @@ _FACT = "The access code for the blue door is 4817."
 
 
 def _long_context() -> list[dict]:
-    from ..quantize.calibration import load_calibration
+    from ..texts import load_texts
 
-    docs = load_calibration("prose-heldout").documents
+    docs = load_texts("prose-heldout").documents
     filler = "\n\n".join(docs)[:6000]
     half = len(filler) // 2
     passage = filler[:half] + "\n\n" + _FACT + "\n\n" + filler[half:]
