@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from . import errors
 from .hfload import read_config
@@ -194,16 +193,14 @@ def parse_gpus(specs) -> dict[str, float]:
 def load_config(spec: str, *, revision: str | None = None, settings=None) -> tuple[dict, str]:
     """config.json from a file, a checkpoint dir, or a repo id (the cache, else fetched alone with qtk's
     downloader). Returns (config, where it came from)."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return read_config(path, missing=f"{path} has no config.json."), str(path if path.is_file() else path / "config.json")
-    if spec.count("/") != 1:
-        raise errors.ModelFormatError(f"{spec} is neither a config.json, a checkpoint dir nor a repo id.")
-    from .hub.download import plan_pull, pull
-    from .settings import Settings
+    from .modelspec import parse_spec, resolve_spec
 
-    p = pull(plan_pull(spec, revision=revision, settings=settings or Settings.from_env(), include=["config.json"])).plan
-    return read_config(p.root, missing=f"{spec} has no config.json."), f"{spec}@{p.commit[:12]}"
+    ref = parse_spec(spec)
+    if ref.path is not None:
+        path = ref.path
+        return read_config(path, missing=f"{path} has no config.json."), str(path if path.is_file() else path / "config.json")
+    root, _, commit = resolve_spec(ref, revision=revision, settings=settings, include=["config.json"])
+    return read_config(root, missing=f"{spec} has no config.json."), f"{spec}@{commit[:12]}"
 
 
 @dataclass

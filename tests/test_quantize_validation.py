@@ -54,11 +54,28 @@ def test_bad_checkpoints_refused(qtk, smol_layers, tmp_path, edit, needle):
 
 
 def test_missing_weights_and_config(qtk, tmp_path):
+    pytest.importorskip("bitsandbytes")  # without it, "backend missing" (50) is refused first
     (tmp_path / "empty").mkdir()
     r = qtk("quantize", str(tmp_path / "empty"), "--method", "nf4", "-o", str(tmp_path / "out"))
     assert r.exit_code == 52 and "no config.json" in r.stderr
-    r = qtk("quantize", str(tmp_path / "nope"), "--method", "nf4", "-o", str(tmp_path / "out"))
-    assert r.exit_code == 52
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("/nonexistent", "/nonexistent: no such directory"),
+    ("./nope", "./nope: no such directory"),
+    ("~/no/such/model", "no such directory"),
+    ("a/b/c", "a/b/c: no such directory"),
+    ("model.safetensors", "no such file"),
+    ("not a repo", "neither a local path nor a repo id"),
+    ("org/", "neither a local path nor a repo id"),
+])
+def test_model_specs_that_name_nothing_are_refused_before_any_work(qtk, tmp_path, spec, needle):
+    """Path-like specs that do not exist say so (never "Invalid repo id"), in quantize, verify and plan."""
+    pytest.importorskip("bitsandbytes")
+    for args in (["quantize", spec, "--method", "nf4", "-o", str(tmp_path / "out")], ["plan", spec]):
+        r = qtk(*args)
+        assert r.exit_code == 52 and needle in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_exists_needs_overwrite(qtk, smol_layers, tmp_path):

@@ -1,8 +1,12 @@
-"""A rich progress display for downloads: one bar per active file plus a total with MB/s and ETA."""
+"""Progress displays: downloads (one bar per active file plus a total with MB/s and ETA), and the steps
+of quantize / verify (layer i/N, window i/N with ETA and peak memory)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -15,7 +19,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-__all__ = ["RichDownloadProgress"]
+__all__ = ["RichDownloadProgress", "StepProgress", "backend_session"]
 
 
 class RichDownloadProgress:
@@ -69,3 +73,88 @@ class RichDownloadProgress:
 
     def message(self, text: str) -> None:
         self._progress.console.print(text)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class StepProgress:
+    """``progress(stage, done, total, peak_bytes)`` callbacks -> one line per stage.
+
+    On a terminal the line is redrawn in place (rich); elsewhere (logs, CI, pipes) a line is printed
+    when a stage starts and at each quarter, so a 30-layer quantization takes five lines, not thirty.
+    ``enabled=False`` (``--quiet`` / ``--json``) prints nothing."""
+
+    def __init__(self, console: Console, *, enabled: bool = True) -> None:
+        self.console, self.enabled = console, enabled
+        self._stage: str | None = None
+        self._t0 = 0.0
+        self._quarter = -1
+        self._live: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, stage: str, done: int, total: int, peak_bytes: int | None = None) -> None:
+        if not self.enabled:
+            return
+        if stage != self._stage:
+            self.close()
+            self._stage, self._t0, self._quarter = stage, time.monotonic(), -1
+            if self.console.is_terminal:
+                self._live = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
+                                      TextColumn("{task.fields[status]}"), console=self.console, transient=False)
+                self._live.start()
+                self._task = self._live.add_task(f"  {stage}", total=total, status="")
+        status = self._status(done, total, peak_bytes)
+        if self._live is not None and self._task is not None:
+            self._live.update(self._task, completed=done, total=total, status=status)
+            return
+        quarter = 4 * done // max(total, 1)
+        if quarter > self._quarter:
+            self._quarter = quarter
+            self.console.print(f"  {stage}: {status}", markup=False, highlight=False)
+
+    def _status(self, done: int, total: int, peak_bytes: int | None) -> str:
+        elapsed = time.monotonic() - self._t0
+        parts = [f"{done}/{total}", _duration(elapsed)]
+        if 0 < done < total:
+            parts.append(f"ETA {_duration(elapsed / done * (total - done))}")
+        if peak_bytes:
+            parts.append(f"peak {peak_bytes / 1e9:.2f} GB")
+        return " · ".join(parts)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+        self._live, self._task, self._stage = None, None, None
+
+
+@contextlib.contextmanager
+def backend_session(out, command: str, name: str, *, verbose: bool) -> Iterator[StepProgress]:
+    """Run a heavy command quietly: backends' output into a per-run log file (its path printed first),
+    qtk's messages and progress on the terminal. ``verbose``: backends print live, no log file. An
+    error raised inside still reaches the user with qtk's message, and names the log."""
+    from .. import errors
+    from .._stdio import backend_output, run_log_path
+
+    path = None if verbose else run_log_path(command, name)
+    if path is not None:
+        out.info(f"[dim]backend output: {path}[/dim]")
+    saved = out.err.file
+    with backend_output(path) as term:
+        out.err.file = term
+        progress = StepProgress(out.err, enabled=not (out.quiet or out.json_mode))
+        try:
+            yield progress
+        except errors.QtkError as exc:
+            if path is not None:
+                exc.hint = f"{exc.hint + ' ' if exc.hint else ''}Backend output: {path}"
+            raise
+        except Exception:
+            if path is not None:
+                out.err.print(f"Backend output of this run: {path}", markup=False, highlight=False)
+            raise
+        finally:
+            progress.close()
+            out.err.file = saved

@@ -36,12 +36,12 @@ def chat_cmd(model, gguf_file, system_prompt, max_new_tokens, temperature, top_p
     """
     from .._stdio import stdout_to_stderr
     from ..verify.models import open_model
-    from ..verify.run import _resolve_device
+    from ..devices import resolve_device
 
     out = get_output()
     interactive = stdin_is_tty()
     with stdout_to_stderr():
-        m = open_model(model, gguf_file=gguf_file, device=_resolve_device(device), threads=threads)
+        m = open_model(model, gguf_file=gguf_file, device=resolve_device(device), threads=threads)
     if interactive:
         out.err.print(f"Chatting with {m.name} ({m.format}). {HELP}")
     base = [{"role": "system", "content": system_prompt}] if system_prompt else []

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ._options import json_option, quiet_option
 from ._output import get_output
+from ._progress import backend_session
 
 __all__ = ["quantize_cmd", "calibration"]
 
@@ -45,10 +46,12 @@ def _default_output(model: str, method: str, bits: int, group: int) -> Path:
               help="auto: CUDA when torch sees a GPU, else CPU (small models).")
 @click.option("--revision", help="Revision when MODEL is a repo id (pulled with qtk's downloader if missing).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Stream the backends' own output live (default: into a per-run log file, path printed).")
 @json_option
 @quiet_option
 def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibration, text_field, samples, seq_len,
-                 allow_fewer, seed, chat_template, device, revision, overwrite) -> None:
+                 allow_fewer, seed, chat_template, device, revision, overwrite, verbose) -> None:
     """Quantize a BF16/FP16 checkpoint to 4-bit GPTQ, AWQ or NF4 that transformers and vLLM load.
 
     MODEL is a local checkpoint directory or a Hub repo id (taken from the HF cache, pulled with
@@ -73,7 +76,9 @@ def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibra
         allow_fewer=allow_fewer, device=device,
     )
     dest = output or _default_output(model, method, bits, group_size)
-    result = quantize(model, dest, options, revision=revision, overwrite=overwrite, log=out.info, warn=out.warn)
+    with backend_session(out, "quantize", f"{Path(dest).name}", verbose=verbose) as progress:
+        result = quantize(model, dest, options, revision=revision, overwrite=overwrite, log=out.info, warn=out.warn,
+                          progress=progress)
     if out.json_mode:
         out.json(result.to_dict())
         return

@@ -9,6 +9,7 @@ import click
 
 from .. import errors
 from ._output import get_output
+from ._progress import backend_session
 
 __all__ = ["verify_cmd"]
 
@@ -39,10 +40,12 @@ __all__ = ["verify_cmd"]
 @click.option("--max-kld", type=float, metavar="X", help="Gate: mean KL divergence from the reference at most X.")
 @click.option("--min-top1", type=float, metavar="PCT", help="Gate: top-1 agreement with the reference at least PCT%.")
 @click.option("--require-smoke", is_flag=True, help="Gate: every smoke answer non-empty, stopped, not looping.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.option("-q", "--quiet", is_flag=True, help="Nothing but the result (the table, or the JSON with --json -).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Stream the backends' own output live (default: into a per-run log file, path printed).")
 def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gguf_file, smoke, max_new_tokens,
                temperature, top_p, seed, device, threads, json_file, md_file, plot_file, max_ppl_increase, max_kld,
-               min_top1, require_smoke, quiet) -> None:
+               min_top1, require_smoke, quiet, verbose) -> None:
     """Compare quantized models (and GGUF files) with a reference, with one protocol for every format.
 
     Each model is a checkpoint dir, a repo id (from the cache; pulled with qtk if missing), or a GGUF
@@ -69,25 +72,27 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
     opts = VerifyOptions(text=text_spec, text_field=text_field, ctx=ctx, max_tokens=max_tokens, smoke=smoke,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                          device=device, threads=threads)
-    report = verify(reference, list(candidates), opts, gguf_file=gguf_file, log=out.info)
-    failures = check_gates(report, Gates(max_ppl_increase, max_kld, min_top1, require_smoke))
-    report["gates"] = {"max_ppl_increase_pct": max_ppl_increase, "max_kld": max_kld, "min_top1_pct": min_top1,
-                       "require_smoke": require_smoke, "failures": failures, "passed": not failures}
-    if json_file is not None:
-        if str(json_file) == "-":
-            click.echo(json.dumps(report, indent=2, default=str))
-        else:
+    if str(json_file) == "-":
+        out.quiet = True  # stdout carries the JSON; the terminal gets nothing else but errors
+    with backend_session(out, "verify", Path(reference).name, verbose=verbose) as progress:
+        report = verify(reference, list(candidates), opts, gguf_file=gguf_file, log=out.info, progress=progress)
+        failures = check_gates(report, Gates(max_ppl_increase, max_kld, min_top1, require_smoke))
+        report["gates"] = {"max_ppl_increase_pct": max_ppl_increase, "max_kld": max_kld, "min_top1_pct": min_top1,
+                           "require_smoke": require_smoke, "failures": failures, "passed": not failures}
+        if json_file is not None and str(json_file) != "-":
             json_file.write_text(json.dumps(report, indent=2, default=str))
-    if md_file is not None:
-        md_file.write_text(render.markdown(report))
-    if plot_file is not None:
-        render.plot(report, plot_file)
+        if md_file is not None:
+            md_file.write_text(render.markdown(report))
+        if plot_file is not None:
+            render.plot(report, plot_file)  # matplotlib's own chatter (font cache) stays in the log
+    if str(json_file) == "-":
+        click.echo(json.dumps(report, indent=2, default=str))
     if str(json_file) != "-":
-        out.err.print(render.table(report))
-        if smoke and not quiet:
+        if smoke and not quiet:  # the answers first: the table is the last thing on the terminal
             for m in report["models"]:
                 for s in m["smoke"]:
                     mark = "ok " if s["ok"] else "BAD"
                     out.err.print(f"  [{mark}] {m['name'][:28]:<28} {s['name']:<12} {s['answer'][:70]!r}", markup=False)
+        out.err.print(render.table(report))
     if failures:
         raise gate_error(failures)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import errors
+from ..modelspec import CHECKPOINT_FILES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,7 +43,7 @@ else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
 
 __all__ = ["Manifest", "ModelSpec", "Recipe", "load_manifest", "ManifestError"]
 
-DEFAULT_INCLUDE = ("*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt")
+DEFAULT_INCLUDE = CHECKPOINT_FILES  # the one include list (qtk.modelspec)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

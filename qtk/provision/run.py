@@ -136,9 +136,9 @@ class Provisioner:
         self.on_event, self.log, self.warn = on_event, log, warn
         self.summary = Summary(uuid.uuid4().hex[:12], self.store.root, opts.dry_run, opts.keep_going)
         self._digests: dict[tuple, str] = {}
-        from ..verify.run import _resolve_device
+        from ..devices import resolve_device
 
-        self.device = _resolve_device(manifest.device)
+        self.device = resolve_device(manifest.device)
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -558,7 +558,7 @@ def _metrics(report: dict) -> dict:
     return {
         "ppl_reference": round(ref["perplexity"]["ppl"], 4),
         "ppl": round(cand["perplexity"]["ppl"], 4),
-        "ppl_increase_pct": round((cand["perplexity"]["ppl"] / ref["perplexity"]["ppl"] - 1) * 100, 2),
+        "ppl_increase_pct": round(cand["ppl_increase_pct"], 2),
         "kld_mean": round(kl["mean"], 5) if kl else None,
         "top1_pct": round(kl["top1_agreement"] * 100, 2) if kl else None,
         "smoke_ok": f"{sum(s['ok'] for s in smoke)}/{len(smoke)}" if smoke else None,

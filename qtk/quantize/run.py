@@ -21,6 +21,7 @@ from typing import Callable
 
 from .. import __version__, errors
 from .._stdio import stdout_to_stderr
+from ..devices import resolve_device
 from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from .calibration import Samples, build_samples, load_calibration
@@ -30,6 +31,7 @@ from .source import SourceModel, resolve_model
 __all__ = ["QuantizeResult", "quantize", "resolve_device", "PROVENANCE_FILE"]
 
 PROVENANCE_FILE = "qtk_provenance.json"
+Progress = Callable[[str, int, int, "int | None"], None]  # (stage, done, total, peak bytes)
 _COPY_FROM_SOURCE = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -48,19 +50,6 @@ class QuantizeResult:
         return {"output": str(self.out), **self.provenance}
 
 
-def resolve_device(device: str) -> str:
-    if device not in ("auto", "cuda", "cpu"):
-        raise errors.UsageError(f"--device must be auto, cuda or cpu (got {device!r}).")
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise errors.UnsupportedConfigError("--device cuda, but torch sees no CUDA GPU.",
-                                            hint="Use --device cpu (small models) or install a CUDA build of torch.")
-    return device
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -75,6 +64,42 @@ def _peak_rss_bytes() -> int | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def _peak_bytes(device: str) -> int | None:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return _peak_rss_bytes()
+
+
+@contextlib.contextmanager
+def _layer_progress(model: SourceModel, device: str, progress: Progress | None):
+    """Report ``layer i/N`` while a method runs, backend-agnostic: a forward pre-hook on every
+    module notes each decoder layer (``*DecoderLayer``) the first time it runs; layer-by-layer
+    methods (GPTQModel's loop) reach them in order, so the k-th new layer is layer k."""
+    if progress is None:
+        yield
+        return
+    import torch
+
+    total = int(model.config.get("num_hidden_layers") or (model.config.get("text_config") or {}).get("num_hidden_layers") or 0)
+    seen: set[int] = set()
+
+    def hook(module, _args):
+        if id(module) not in seen and type(module).__name__.endswith("DecoderLayer"):
+            seen.add(id(module))
+            progress("quantize: layer", min(len(seen) - 1, total), total, _peak_bytes(device))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook) if total else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+    if seen and total:
+        progress("quantize: layer", total, total, _peak_bytes(device))
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -176,6 +201,7 @@ def quantize(
     settings: Settings | None = None,
     log: Callable[[str], None] = lambda s: None,
     warn: Callable[[str], None] = lambda s: None,
+    progress: Progress | None = None,
 ) -> QuantizeResult:
     t0 = time.monotonic()
     method = get_method(options.method)
@@ -214,7 +240,7 @@ def quantize(
             torch.cuda.reset_peak_memory_stats()
         t_run = time.monotonic()
         try:
-            with stdout_to_stderr():
+            with stdout_to_stderr(), _layer_progress(model, device, progress):
                 method.run(RunContext(model, options, samples, device, tmp))
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(

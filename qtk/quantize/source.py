@@ -1,4 +1,5 @@
-"""The model to quantize: resolve it (local dir, or a repo id from the cache / pulled with qtk),
+"""The model to quantize: resolve it (:mod:`qtk.modelspec`: a local dir, or a repo id from the cache /
+pulled with qtk),
 and check it before any heavy work, from config.json and the safetensors headers only."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .. import errors
 from ..hfload import read_config
+from ..modelspec import resolve_spec
 from ..settings import Settings
 
 __all__ = ["SourceModel", "resolve_model", "safetensors_header", "check_group_size"]
@@ -82,25 +84,12 @@ class SourceModel:
                 "num_params": self.num_params, "weight_bytes": self.weight_bytes}
 
 
-def _resolve_dir(spec: str, revision: str | None, settings: Settings) -> tuple[Path, str | None, str | None]:
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path.resolve(), None, None
-    if spec.count("/") != 1 or path.exists():
-        raise errors.ModelFormatError(f"{spec} is neither a model directory nor a repo id (namespace/name).")
-    from ..hub.download import plan_pull, pull
-
-    plan = pull(plan_pull(
-        spec, revision=revision, settings=settings,
-        include=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.md"],
-    )).plan
-    return plan.root, spec, plan.commit
-
-
 def resolve_model(spec: str, *, revision: str | None = None, settings: Settings | None = None) -> SourceModel:
     """Find the checkpoint and validate it as a BF16/FP16/FP32 causal LM that is not quantized yet."""
-    settings = settings or Settings.from_env()
-    path, repo_id, commit = _resolve_dir(spec, revision, settings)
+    path, repo_id, commit = resolve_spec(spec, revision=revision, settings=settings or Settings.from_env())
+    if not path.is_dir():
+        raise errors.ModelFormatError(f"{path} is a file; qtk quantize takes a checkpoint directory.",
+                                      hint="Give the directory holding config.json and the .safetensors weights.")
     config = read_config(path, missing=f"{path} has no config.json: not a Hugging Face checkpoint.")
     archs = config.get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in archs):

@@ -306,21 +306,12 @@ class GGUFModel(Model):
 
 def open_model(spec: str, *, gguf_file: str | None = None, device: str = "cpu", threads: int | None = None,
                n_ctx: int = 4096, settings=None) -> Model:
-    """Resolve ``spec`` (a directory, a .gguf file, or a repo id in the cache) and load it."""
-    path = Path(spec).expanduser()
-    name = spec
-    if not path.exists():
-        if spec.count("/") != 1:
-            raise errors.ModelFormatError(f"{spec} is neither a file, a directory nor a repo id.")
-        from ..hub.download import plan_pull, pull
+    """Resolve ``spec`` (:mod:`qtk.modelspec`: a directory, a .gguf file, a repo id in the cache or pulled,
+    ``org/repo:FILE.gguf``) and load it."""
+    from ..modelspec import resolve_spec
 
-        include = [gguf_file] if gguf_file else ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
-        path = pull(plan_pull(spec, include=include, settings=settings)).plan.root
-    if gguf_file:
-        path = path / gguf_file
-        if not path.is_file():
-            raise errors.ModelFormatError(f"{path} not found.")
+    path, _, _ = resolve_spec(spec, gguf_file=gguf_file, settings=settings)
     fmt = detect_format(path)
     if fmt == "gguf":
-        return GGUFModel(path, name, threads, n_ctx)
-    return HFModel(path, fmt, device, name)
+        return GGUFModel(path, spec, threads, n_ctx)
+    return HFModel(path, fmt, device, spec)

@@ -24,7 +24,6 @@ def short_name(name: str) -> str:
 
 
 def rows(report: dict) -> list[list[str]]:
-    ref_ppl = report["models"][0]["perplexity"]["ppl"]
     out = []
     for m in report["models"]:
         p, kl, smoke = m["perplexity"], m.get("kl"), m.get("smoke") or []
@@ -35,7 +34,7 @@ def rows(report: dict) -> list[list[str]]:
             m["format"],
             f"{m['size_bytes'] / 1e6:.0f}",
             f"{p['ppl']:.3f} ± {p['stderr']:.3f}",
-            "—" if m["role"] == "reference" else f"{(p['ppl'] / ref_ppl - 1) * 100:+.1f}%",
+            "—" if m.get("ppl_increase_pct") is None else f"{m['ppl_increase_pct']:+.1f}%",
             f"{kl['mean']:.4f}" if kl else "—",
             f"{kl['p99']:.3f}" if kl else "—",
             f"{kl['top1_agreement'] * 100:.1f}%" if kl else "—",

@@ -62,20 +62,10 @@ class ModelReport:
     smoke: list[dict] = field(default_factory=list)
     gate_failures: list[str] = field(default_factory=list)
     cuda_max_allocated_bytes: int | None = None
+    ppl_increase_pct: float | None = None  # vs the reference; computed here once, read by gates, report, provision
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def _resolve_device(device: str) -> str:
-    if device in ("cpu", "cuda"):
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
 
 
 @dataclass
@@ -99,7 +89,12 @@ class _Pass:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOptions) -> list[_Pass]:
+def _no_progress(stage: str, done: int, total: int, peak_bytes: int | None = None) -> None:
+    pass
+
+
+def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOptions,
+             progress=_no_progress) -> list[_Pass]:
     """One pass over the reference's windows: each window's reference logits serve every candidate
     (KL, top-1, and perplexity for candidates that tokenize identically). Candidates whose tokenizer
     differs get a second pass over their own windows for perplexity."""
@@ -108,7 +103,9 @@ def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOption
     for p, m in zip(passes[1:], models[1:]):
         if abs(m.vocab_size - ref.vocab_size) < 512:  # same vocabulary (up to padding)
             p.kl = KLAccumulator()
-    for w in windows(ref_ids, opts.ctx, bos_id=ref.bos_id, add_bos=ref.add_bos, max_tokens=opts.max_tokens):
+    ref_windows = list(windows(ref_ids, opts.ctx, bos_id=ref.bos_id, add_bos=ref.add_bos, max_tokens=opts.max_tokens))
+    for n, w in enumerate(ref_windows):
+        progress(f"verify: window ({len(models)} models)", n, len(ref_windows), _rss_peak())
         ref_logits = passes[0].logits(ref, w)
         passes[0].nlls.append(token_nll(ref_logits, w))
         for p, m, ids in zip(passes[1:], models[1:], token_ids[1:]):
@@ -120,6 +117,7 @@ def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOption
                 p.kl.add(ref_logits, cand, w)
             if same:
                 p.nlls.append(token_nll(cand, w))
+    progress(f"verify: window ({len(models)} models)", len(ref_windows), len(ref_windows), _rss_peak())
     for p, m, ids in zip(passes[1:], models[1:], token_ids[1:]):
         if not p.nlls:  # its own tokens, its own windows
             for w in windows(ids, opts.ctx, bos_id=m.bos_id, add_bos=m.add_bos, max_tokens=opts.max_tokens):
@@ -127,35 +125,44 @@ def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOption
     return passes
 
 
-def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_file: str | None = None,
-           log=lambda s: None) -> dict:
-    text, text_sha = load_text(opts.text, opts.text_field)
-    device = _resolve_device(opts.device)
-    n_ctx = max(opts.ctx, 4096)
-    from pathlib import Path
+def _rss_peak() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
+
+def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_file: str | None = None,
+           log=lambda s: None, progress=_no_progress) -> dict:
+    """``progress(stage, done, total, peak_bytes)``: model i/M loaded, window i/N, smoke i/M."""
+    from ..devices import resolve_device
+    from ..modelspec import check_spec
     from .models import detect_format
 
-    # refuse a bad file, or models that cannot fit together, before loading anything
-    local = {spec: detect_format(Path(spec)) for spec in [reference, *candidates] if Path(spec).exists()}
-    _check_memory([reference, *candidates], local, device, opts.ctx)
+    specs = [reference, *candidates]
+    # every input before anything loads: each spec exists and is a model (or is a repo id), the device,
+    # the text, and whether the local models fit together
+    refs = [check_spec(s, gguf_file=gguf_file) for s in specs]
+    device = resolve_device(opts.device)
+    text, text_sha = load_text(opts.text, opts.text_field)
+    n_ctx = max(opts.ctx, 4096)
+    local = {r.spec: detect_format(r.path) for r in refs if r.path is not None}
+    _check_memory(specs, local, device, opts.ctx)
     models: list[tuple[str, Model, int | None]] = []
-    for i, spec in enumerate([reference, *candidates]):
+    for i, spec in enumerate(specs):
         before = _rss_bytes()
+        progress("verify: load model", i, len(specs), _rss_peak())
         log(f"loading {spec} ...")
-        repo_file = None
-        if ":" in spec and not spec.startswith(("/", ".")):  # org/repo:file.gguf
-            spec, repo_file = spec.split(":", 1)
-        elif gguf_file and spec.count("/") == 1 and not spec.endswith(".gguf"):
-            repo_file = None if Path(spec).exists() else gguf_file
         with stdout_to_stderr():
-            m = open_model(spec, gguf_file=repo_file, device=device, threads=opts.threads, n_ctx=n_ctx)
+            m = open_model(spec, gguf_file=gguf_file, device=device, threads=opts.threads, n_ctx=n_ctx)
         after = _rss_bytes()
         models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
+    progress("verify: load model", len(specs), len(specs), _rss_peak())
     ref = models[0][1]
     token_ids = [m.tokenize(text) for _, m, _ in models]
     log("perplexity and KL, window by window ...")
-    passes = _measure([m for _, m, _ in models], token_ids, opts)
+    passes = _measure([m for _, m, _ in models], token_ids, opts, progress)
     reports = []
     for (role, m, rss), ids, p in zip(models, token_ids, passes):
         match = None
@@ -169,6 +176,7 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
                           summarize(p.nlls, len(ids)).to_dict(), p.prefill_tps,
                           p.kl.result().to_dict() if p.kl else None, getattr(m, "compute_dtype", None), match)
         if opts.smoke:
+            progress("verify: smoke generation", len(reports), len(models), _rss_peak())
             log(f"smoke generation: {m.name} ...")
             with stdout_to_stderr():
                 rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
@@ -180,6 +188,11 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
             rep.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         reports.append(rep)
+    if opts.smoke:
+        progress("verify: smoke generation", len(models), len(models), _rss_peak())
+    ref_ppl = reports[0].perplexity["ppl"]
+    for rep in reports[1:]:
+        rep.ppl_increase_pct = (rep.perplexity["ppl"] / ref_ppl - 1) * 100
     return {
         "qtk_version": __version__,
         "protocol": {"ctx": opts.ctx, "scored": "second half of each window", "max_tokens": opts.max_tokens,
@@ -245,11 +258,10 @@ def _versions() -> dict:
 def check_gates(report: dict, gates: Gates) -> list[str]:
     """Annotate each candidate with its failed gates; return all failures ('model: gate ...')."""
     models = report["models"]
-    ref_ppl = models[0]["perplexity"]["ppl"]
     failures = []
     for m in models[1:]:
         f = m["gate_failures"]
-        inc = (m["perplexity"]["ppl"] / ref_ppl - 1) * 100
+        inc = m["ppl_increase_pct"]
         if gates.max_ppl_increase_pct is not None and inc > gates.max_ppl_increase_pct:
             f.append(f"perplexity +{inc:.1f}% > {gates.max_ppl_increase_pct}%")
         kl = m.get("kl")

@@ -1,0 +1,57 @@
+"""Every input of qtk verify is checked before the first model loads (torch-free: nothing loads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def ref_dir(tmp_path):
+    d = tmp_path / "ref"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return d
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda t: str(t / "nonexistent"), "nonexistent: no such directory"),
+    (lambda t: str(t / "gone.gguf"), "gone.gguf: no such file"),
+    (lambda t: (t / "not.gguf").write_bytes(b"NOPE" * 4) and str(t / "not.gguf"), "not a GGUF"),
+    (lambda t: (t / "empty").mkdir() or str(t / "empty"), "no config.json"),
+    (lambda t: "no repo id", "neither a local path nor a repo id"),
+])
+def test_verify_refuses_a_bad_candidate_before_loading_the_reference(qtk, ref_dir, tmp_path, make, needle):
+    bad = make(tmp_path)
+    r = qtk("verify", str(ref_dir), bad, "--no-smoke")
+    assert r.exit_code == 52, r.stderr
+    assert needle in r.stderr
+    assert "loading" not in r.stderr  # nothing was loaded, not even the reference
+
+
+def test_verify_refuses_a_bad_reference_the_same_way(qtk, tmp_path, ref_dir):
+    r = qtk("verify", str(tmp_path / "missing-ref"), str(ref_dir))
+    assert r.exit_code == 52 and "missing-ref: no such directory" in r.stderr
+
+
+def test_backend_output_goes_to_a_log_file_and_the_terminal_keeps_qtk_messages(tmp_path, capfd):
+    """What backends print (Python and file-descriptor level) lands in the log; qtk's stream reaches stderr."""
+    import os
+    import sys
+
+    from qtk._stdio import backend_output
+
+    log = tmp_path / "run.log"
+    with backend_output(log) as term:
+        print("python stdout chatter")
+        print("python stderr chatter", file=sys.stderr)
+        os.write(1, b"native stdout chatter\n")
+        os.write(2, b"native stderr chatter\n")
+        term.write("qtk progress\n")
+        term.flush()
+    captured = capfd.readouterr()
+    text = log.read_text()
+    for line in ("python stdout chatter", "python stderr chatter", "native stdout chatter", "native stderr chatter"):
+        assert line in text and line not in captured.out + captured.err
+    assert "qtk progress" in captured.err and "qtk progress" not in text
