@@ -173,6 +173,19 @@ class ProvisionStore:
         target = Path(os.readlink(link)).name
         return target if (self.artifacts / target).is_dir() else None
 
+    def kept_versions(self, repo_id: str) -> list[Path]:
+        """Published version directories still on disk for ``repo_id``: the current one first, then the
+        ones its record keeps (the previous version, for nodes mid-download). ``qtk serve`` serves each
+        under its own commit."""
+        rec = self.record(repo_id) or {}
+        keys = [self.published_key(repo_id), (rec.get("published") or {}).get("key"), rec.get("previous")]
+        out: list[Path] = []
+        for k in keys:
+            if isinstance(k, str) and k and "/" not in k and not k.startswith(".") and (self.artifacts / k).is_dir():
+                if self.artifacts / k not in out:
+                    out.append(self.artifacts / k)
+        return out
+
     def publish(self, repo_id: str, key: str, build: Path, extra: dict[str, str]) -> Path:
         """Make ``STORE/<repo_id>`` the build plus ``extra`` files, atomically. Returns the version dir."""
         dest = self.artifacts / key

@@ -1,7 +1,7 @@
 """A Hub-compatible HTTP server over a :class:`MirrorStore`: the subset of the Hub API that
 huggingface_hub (``snapshot_download``, ``hf_hub_download``, ``HfApi``), transformers and qtk use.
 
-Routes::
+Routes (GET and HEAD; anything else is 405)::
 
     GET  /api/{models,datasets}/{ns}/{name}[/revision/{rev}]     repo info (id, sha, siblings)
     GET  /api/{models,datasets}/{ns}/{name}/tree/{rev}[/{path}]  ?recursive=&cursor= (paginated, Link)
@@ -9,32 +9,48 @@ Routes::
     HEAD/GET /datasets/{ns}/{name}/resolve/{rev}/{path}
     GET  /api/whoami-v2
 
-Errors carry ``X-Error-Code`` / ``X-Error-Message`` as the Hub's do. Access control (optional) comes
-from :class:`MirrorAuth`: tokens, private repos, gated repos with an allow list.
+Every request target goes through :func:`~qtk.hub.mirror.request.parse_target` first (decode once,
+validate); every repo route then asks one question, :meth:`MirrorHandler._repo`, on the repo's canonical
+id (type + ``ns/name`` as spelled on disk; ids are case-insensitive, as on the Hub). Errors carry
+``X-Error-Code`` / ``X-Error-Message`` as the Hub's do; header values are printable ASCII only. An
+unexpected exception is logged and answered with a JSON 500. Access control (optional) comes from
+:class:`MirrorAuth`: tokens, private repos, gated repos with an allow list.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
+import logging
 import os
+import re
+import select
 import socket
+import ssl
+import stat as stat_mod
 import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote
 
 from ... import __version__, errors
-from .store import MirrorStore, RepoRevision, StoredFile
+from ..names import is_repo_id
+from .hashindex import file_key
+from .request import MirrorRequest, Rejected, parse_target, safe_header
+from .server import PooledHTTPServer, PooledRequestHandler
+from .store import MirrorStore, RepoEntry, RepoRevision, StoredFile
 
-__all__ = ["MirrorAuth", "MirrorUser", "MirrorServer", "MirrorHandler", "load_auth"]
+__all__ = ["MirrorAuth", "MirrorUser", "MirrorServer", "MirrorHandler", "RepoPolicy", "load_auth"]
+
+log = logging.getLogger("qtk.mirror")
 
 TREE_PAGE_SIZE = 1000
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -54,11 +70,15 @@ class RepoPolicy:
 
 @dataclass
 class MirrorAuth:
-    """Who may see what. An empty MirrorAuth serves everything to everyone and ignores tokens."""
+    """Who may see what. An empty MirrorAuth serves everything to everyone and ignores tokens.
+
+    ``repos`` keys are ``ns/name`` (models) or ``datasets/ns/name``, matched case-insensitively (as repo
+    ids are on the Hub); when several keys match one repo, the strictest wins."""
 
     users: dict[str, MirrorUser] = field(default_factory=dict)  # sha256(token) -> user
-    repos: dict[str, RepoPolicy] = field(default_factory=dict)  # "ns/name" (datasets: "datasets/ns/name")
+    repos: dict[str, RepoPolicy] = field(default_factory=dict)
     require_token: bool = False
+    source: Path | None = None  # the access file: never served, wherever it lives
 
     @property
     def enabled(self) -> bool:
@@ -68,10 +88,22 @@ class MirrorAuth:
         self.users[hashlib.sha256(token.encode()).hexdigest()] = user
 
     def user_for(self, token: str) -> MirrorUser | None:
-        return self.users.get(hashlib.sha256(token.encode()).hexdigest())
+        return self.users.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest())
 
     def policy(self, repo_key: str) -> RepoPolicy:
-        return self.repos.get(repo_key, RepoPolicy())
+        wanted = repo_key.lower()
+        hits = [p for k, p in self.repos.items() if k.lower() == wanted]
+        if len(hits) <= 1:
+            return hits[0] if hits else RepoPolicy()
+        allow = frozenset.intersection(*(p.allow for p in hits))
+        return RepoPolicy(any(p.private for p in hits), any(p.gated for p in hits), allow)
+
+
+def _check_policy_key(path, key: str) -> None:
+    rid = key[len("datasets/"):] if key.lower().startswith("datasets/") else key
+    if rid.count("/") != 1 or not is_repo_id(rid):
+        raise errors.UsageError(f"{path}: [repos.{key!r}] is not a repo id ('ns/name' or 'datasets/ns/name').",
+                                hint="Fix the key: a rule that names no repo would leave the repo it meant public.")
 
 
 def load_auth(path: str | Path) -> MirrorAuth:
@@ -92,6 +124,8 @@ def load_auth(path: str | Path) -> MirrorAuth:
         [repos."acme/internal"]
         private = true
         allow = ["acme"]
+
+    Repo keys are case-insensitive; two keys that differ only in case are refused.
     """
     try:
         import tomllib
@@ -102,63 +136,99 @@ def load_auth(path: str | Path) -> MirrorAuth:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise errors.UsageError(f"Access file {path} not found.") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise errors.UsageError(f"Access file {path} is not valid TOML: {exc}") from exc
-    auth = MirrorAuth(require_token=bool(data.get("require_token", False)))
+    auth = MirrorAuth(require_token=bool(data.get("require_token", False)), source=Path(path))
     for i, u in enumerate(data.get("users", [])):
         if "name" not in u or not ("token" in u or "token_sha256" in u):
             raise errors.UsageError(f"{path}: users[{i}] needs 'name' and 'token' or 'token_sha256'.")
         user = MirrorUser(u["name"], u.get("role", "read"), tuple(u.get("orgs", ())), u.get("fullname"))
         digest = u.get("token_sha256") or hashlib.sha256(u["token"].encode()).hexdigest()
         auth.users[digest.lower()] = user
+    seen: dict[str, str] = {}
     for key, r in (data.get("repos") or {}).items():
+        _check_policy_key(path, key)
+        if key.lower() in seen:
+            raise errors.UsageError(f"{path}: [repos.{key!r}] and [repos.{seen[key.lower()]!r}] name the same repo "
+                                    "(repo ids are case-insensitive).", hint="Merge the two rules into one.")
+        seen[key.lower()] = key
         auth.repos[key] = RepoPolicy(bool(r.get("private")), bool(r.get("gated")), frozenset(r.get("allow", ())))
     return auth
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, code: str | None, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+_HTTPError = Rejected  # the name subclasses (tests/hubtest.py) raise
 
 
-class MirrorServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
+def _networks(values) -> tuple:
+    out = []
+    for v in values or ():
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError as exc:
+            raise errors.UsageError(f"--trusted-proxy {v!r} is not an IP address or network: {exc}") from exc
+    return tuple(out)
 
+
+class MirrorServer(PooledHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
         store: MirrorStore,
         *,
         auth: MirrorAuth | None = None,
-        handler: type[BaseHTTPRequestHandler] | None = None,
+        handler: type[PooledRequestHandler] | None = None,
         access_log: bool = False,
         tree_page_size: int = TREE_PAGE_SIZE,
         lfs_redirect_base: str | None = None,
+        trusted_proxies=(),
+        **server_options,
     ) -> None:
         self.store = store
         self.auth = auth or MirrorAuth()
+        if self.auth.source is not None:
+            store.exclude_file(self.auth.source)
         self.access_log = access_log
         self.tree_page_size = tree_page_size
         # Optional: answer LFS resolves with a 302 to ``{base}/{sha256}`` (another host serving blobs,
         # as the Hub does with its CDN). The target must serve ``/{sha256}`` itself.
         self.lfs_redirect_base = lfs_redirect_base.rstrip("/") if lfs_redirect_base else None
+        self.trusted_proxies = _networks(trusted_proxies)
         self.bytes_sent = 0
         self.requests = 0
+        self.errors_500 = 0
         self._stats_mu = threading.Lock()
-        super().__init__(address, handler or MirrorHandler)
+        self._tree_cache: dict[tuple, list[dict]] = {}
+        super().__init__(address, handler or MirrorHandler, **server_options)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{port}"
 
     def count(self, nbytes: int = 0, request: bool = False) -> None:
         with self._stats_mu:
             self.bytes_sent += nbytes
             self.requests += int(request)
+
+    def trusts(self, peer: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies)
+
+    def tree_entries(self, snap: RepoRevision, prefix: str, recursive: bool) -> list[dict]:
+        key = (snap.repo_type, snap.repo_id, snap.commit, id(snap.files), prefix, recursive)
+        with self._stats_mu:
+            hit = self._tree_cache.get(key)
+        if hit is None:
+            hit = _tree_entries(snap, prefix, recursive)
+            with self._stats_mu:
+                if len(self._tree_cache) > 64:
+                    self._tree_cache.clear()
+                self._tree_cache[key] = hit
+        return hit
 
     def serve_in_thread(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="qtk-mirror", daemon=True)
@@ -166,11 +236,33 @@ class MirrorServer(ThreadingHTTPServer):
         return t
 
 
-class MirrorHandler(BaseHTTPRequestHandler):
+def _tree_entries(snap: RepoRevision, prefix: str, recursive: bool) -> list[dict]:
+    entries: list[dict] = []
+    dirs: set[str] = set()
+    base = f"{prefix}/" if prefix else ""
+    if prefix and prefix in snap.files:
+        entries.append(snap.files[prefix].tree_entry())
+    for p in sorted(snap.files):
+        if not p.startswith(base):
+            continue
+        parts = p[len(base):].split("/")
+        for i in range(1, len(parts)):  # directories on the way
+            d = base + "/".join(parts[:i])
+            if (recursive or i == 1) and d not in dirs:
+                dirs.add(d)
+                entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d})
+        if recursive or len(parts) == 1:
+            entries.append(snap.files[p].tree_entry())
+    return entries
+
+
+class MirrorHandler(PooledRequestHandler):
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stalls
+    default_request_version = "HTTP/1.0"  # a garbage request line still gets a status line back
+    disable_nagle_algorithm = True
     server_version = f"qtk-mirror/{__version__}"
     server: MirrorServer
+    req: MirrorRequest | None = None
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -178,40 +270,76 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if self.server.access_log:
             super().log_message(format, *args)
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._started = True
+        super().send_response(code, message)
+
+    def send_header(self, keyword: str, value) -> None:
+        text = str(value)
+        if not all(" " <= c <= "~" for c in text):
+            text = safe_header(text, limit=8192)
+        super().send_header(keyword, text)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors raised by the stdlib's request-line and header parsing, in the mirror's JSON form."""
+        self.close_connection = True
+        if not hasattr(self, "request_version"):
+            self.request_version = "HTTP/1.1"
+        if not hasattr(self, "requestline"):
+            self.requestline = ""
+        code_name = "MethodNotAllowed" if code in (405, 501) else "BadRequest"
+        self._send_error(Rejected(code, code_name, message or "Bad request."), getattr(self, "command", None) == "HEAD")
+
     def do_GET(self) -> None:
         self._dispatch(head=False)
 
     def do_HEAD(self) -> None:
         self._dispatch(head=True)
 
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._send_error(Rejected(405, "MethodNotAllowed", "This mirror is read-only: GET and HEAD only."), False)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
     def _dispatch(self, head: bool) -> None:
         self.server.count(request=True)
+        self._started = False
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a body we do not read: never reuse the connection
         try:
-            url = urlsplit(self.path)
-            segs = [unquote(s) for s in url.path.split("/")[1:]]
-            query = parse_qs(url.query)
-            if segs[:2] == ["api", "whoami-v2"]:
-                return self._whoami()
-            if len(segs) >= 4 and segs[0] == "api" and segs[1] in ("models", "datasets"):
-                return self._api(segs[1][:-1], segs[2:], query, head)
-            if segs and segs[0] == "datasets" and len(segs) >= 6 and segs[3] == "resolve":
-                return self._resolve("dataset", segs[1:], head)
-            if len(segs) >= 5 and segs[2] == "resolve":
-                return self._resolve("model", segs, head)
-            raise _HTTPError(404, None, f"No route for {url.path}")
-        except _HTTPError as exc:
+            self.req = req = parse_target(self.path)
+            if req.route == "whoami":
+                return self._whoami(head)
+            if req.route in ("info", "tree"):
+                return self._api(req, head)
+            segs = [*req.repo_id.split("/"), "resolve", req.revision, *req.path.split("/")]
+            return self._resolve(req.repo_type, segs, head)
+        except Rejected as exc:
             self._send_error(exc, head)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout, ssl.SSLError):
             self.close_connection = True
+        except Exception:  # noqa: BLE001 - logged, answered, the server goes on
+            log.exception("internal error on %s %s", self.command, safe_header(self.path, 200))
+            self.server.errors_500 += 1
+            if self._started:
+                self.close_connection = True
+            else:
+                with contextlib.suppress(OSError):
+                    self._send_error(Rejected(500, "InternalError", "Internal server error (logged on the mirror)."), head)
 
-    def _send_error(self, exc: _HTTPError, head: bool) -> None:
+    def _send_error(self, exc: Rejected, head: bool) -> None:
         body = json.dumps({"error": exc.message}).encode()
         self.send_response(exc.status)
         if exc.code:
             self.send_header("X-Error-Code", exc.code)
-        self.send_header("X-Error-Message", exc.message)
+        self.send_header("X-Error-Message", safe_header(exc.message))
+        if exc.status == 503:
+            self.send_header("Retry-After", "2")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if not head:
             self.wfile.write(body)
@@ -224,7 +352,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
         for k, v in (extra_headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     # -- auth ---------------------------------------------------------------------
 
@@ -237,33 +366,37 @@ class MirrorHandler(BaseHTTPRequestHandler):
             return bool(token), None
         if not token:
             if auth.require_token:
-                raise _HTTPError(401, None, "This mirror requires a token: run `qtk login`.")
+                raise Rejected(401, "Unauthorized", "This mirror requires a token: run `qtk login`.")
             return False, None
         user = auth.user_for(token)
         if user is None:
-            raise _HTTPError(401, None, INVALID_CREDENTIALS)
+            raise Rejected(401, "InvalidToken", INVALID_CREDENTIALS)
         return True, user
 
-    def _check_repo(self, repo_type: str, repo_id: str, download: bool) -> None:
-        auth = self.server.auth
+    def _repo(self, repo_type: str, repo_id: str, download: bool) -> RepoEntry:
+        """The one access decision, for every route: on the canonical repo (found case-insensitively)."""
         has_token, user = self._user()
-        key = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
-        policy = auth.policy(key)
-        allowed = user is not None and (user.name in policy.allow or any(o in policy.allow for o in user.orgs))
-        not_found = _HTTPError(401 if not has_token else 404, "RepoNotFound", f"Repository Not Found: {repo_id}")
-        if not self.server.store.exists(repo_type, repo_id):
+        entry = self.server.store.find(repo_type, repo_id)
+        not_found = Rejected(401 if not has_token else 404, "RepoNotFound", f"Repository Not Found: {repo_id}")
+        if entry is None:
             raise not_found
+        policy = self.server.auth.policy(entry.key)
+        allowed = user is not None and (user.name in policy.allow or any(o in policy.allow for o in user.orgs))
         if policy.private and not allowed:
             raise not_found
         if policy.gated and download and not allowed:
             if not has_token:
-                raise _HTTPError(401, "GatedRepo", f"Access to gated repo {repo_id} requires a token. Run `qtk login`.")
-            raise _HTTPError(403, "GatedRepo", f"Access to gated repo {repo_id} is restricted: request access.")
+                raise Rejected(401, "GatedRepo", f"Access to gated repo {entry.repo_id} requires a token. Run `qtk login`.")
+            raise Rejected(403, "GatedRepo", f"Access to gated repo {entry.repo_id} is restricted: request access.")
+        return entry
 
-    def _whoami(self) -> None:
+    def _check_repo(self, repo_type: str, repo_id: str, download: bool) -> None:
+        self._repo(repo_type, repo_id, download)
+
+    def _whoami(self, head: bool = False) -> None:
         has_token, user = self._user()
         if user is None:  # no token, an unknown one, or a mirror without users (--access)
-            raise _HTTPError(401, None, INVALID_CREDENTIALS)
+            raise Rejected(401, "InvalidToken", INVALID_CREDENTIALS)
         self._send_json(
             {
                 "type": "user",
@@ -280,33 +413,28 @@ class MirrorHandler(BaseHTTPRequestHandler):
 
     # -- API ----------------------------------------------------------------------
 
-    def _revision(self, repo_type: str, repo_id: str, rev: str) -> RepoRevision:
-        snap = self.server.store.revision(repo_type, repo_id, rev)
+    def _revision(self, entry: RepoEntry, rev: str) -> RepoRevision:
+        snap = self.server.store.revision_of(entry, rev)
         if snap is None:
-            raise _HTTPError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            raise Rejected(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return snap
 
-    def _api(self, repo_type: str, rest: list[str], query: dict, head: bool) -> None:
-        repo_id = "/".join(rest[:2])
-        tail = rest[2:]
-        self._check_repo(repo_type, repo_id, download=False)
-        if not tail or tail[0] == "revision":
-            rev = tail[1] if len(tail) >= 2 else "main"
-            return self._repo_info(repo_type, repo_id, self._revision(repo_type, repo_id, rev))
-        if tail[0] == "tree" and len(tail) >= 2:
-            snap = self._revision(repo_type, repo_id, tail[1])
-            return self._tree(snap, "/".join(tail[2:]), query)
-        raise _HTTPError(404, None, f"No route for {self.path}")
+    def _api(self, req: MirrorRequest, head: bool) -> None:
+        entry = self._repo(req.repo_type, req.repo_id, download=False)
+        snap = self._revision(entry, req.revision)
+        if req.route == "info":
+            return self._repo_info(entry, snap)
+        return self._tree(snap, req)
 
-    def _repo_info(self, repo_type: str, repo_id: str, snap: RepoRevision) -> None:
-        key = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
-        policy = self.server.auth.policy(key)
+    def _repo_info(self, entry: RepoEntry, snap: RepoRevision) -> None:
+        policy = self.server.auth.policy(entry.key)
         when = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(snap.last_modified))
+        repo_id = entry.repo_id
         self._send_json(
             {
-                "_id": hashlib.sha1(f"{repo_type}/{repo_id}".encode()).hexdigest()[:24],
+                "_id": hashlib.sha1(f"{entry.repo_type}/{repo_id}".encode()).hexdigest()[:24],
                 "id": repo_id,
-                **({"modelId": repo_id} if repo_type == "model" else {}),
+                **({"modelId": repo_id} if entry.repo_type == "model" else {}),
                 "author": repo_id.split("/")[0],
                 "sha": snap.commit,
                 "lastModified": when,
@@ -321,39 +449,33 @@ class MirrorHandler(BaseHTTPRequestHandler):
             }
         )
 
-    def _tree(self, snap: RepoRevision, path: str, query: dict) -> None:
-        recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
-        prefix = path.strip("/")
-        entries: list[dict] = []
-        dirs: set[str] = set()
-        base = f"{prefix}/" if prefix else ""
-        if prefix and prefix in snap.files:
-            entries.append(snap.files[prefix].tree_entry())
-        for p in sorted(snap.files):
-            if not p.startswith(base):
-                continue
-            rel = p[len(base):]
-            parts = rel.split("/")
-            for i in range(1, len(parts)):  # directories on the way
-                d = base + "/".join(parts[:i])
-                if (recursive or i == 1) and d not in dirs:
-                    dirs.add(d)
-                    entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d})
-            if recursive or len(parts) == 1:
-                entries.append(snap.files[p].tree_entry())
-        if prefix and not entries:
-            raise _HTTPError(404, "EntryNotFound", f"{prefix} does not exist on {snap.commit}")
+    def _base_url(self) -> str:
+        """Scheme and host for URLs this server builds: X-Forwarded-* only from a trusted proxy."""
+        scheme = "https" if self.server.ssl_context else "http"
+        host = self.headers.get("Host", "")
+        if self.server.trusts(self.client_address[0]):
+            proto = self.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+            scheme = proto if proto in ("http", "https") else scheme
+            fwd = self.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+            host = fwd or host
+        if not _HOST_RE.fullmatch(host or ""):
+            host = self.server.url.split("://", 1)[1]
+        return f"{scheme}://{host}"
+
+    def _tree(self, snap: RepoRevision, req: MirrorRequest) -> None:
+        entries = self.server.tree_entries(snap, req.path, req.recursive)
+        if req.path and not entries:
+            raise Rejected(404, "EntryNotFound", f"{req.path} does not exist on {snap.commit}")
         size = self.server.tree_page_size
-        start = int(query.get("cursor", ["0"])[0] or 0)
+        start = req.cursor
         page = entries[start : start + size]
         headers = {}
         if start + size < len(entries):
-            host = self.headers.get("Host") or "%s:%d" % self.server.server_address[:2]
-            qs = f"recursive={'True' if recursive else 'False'}&expand=False&cursor={start + size}"
+            qs = f"recursive={'True' if req.recursive else 'False'}&expand=False&cursor={start + size}"
             kind = "models" if snap.repo_type == "model" else "datasets"
-            link = f"http://{host}/api/{kind}/{snap.repo_id}/tree/{quote(snap.commit, safe='')}"
-            if prefix:
-                link += "/" + quote(prefix)
+            link = f"{self._base_url()}/api/{kind}/{quote(snap.repo_id)}/tree/{quote(snap.commit, safe='')}"
+            if req.path:
+                link += "/" + quote(req.path, safe="")
             headers["Link"] = f'<{link}?{qs}>; rel="next"'
         self._send_json(page, headers)
 
@@ -362,16 +484,20 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def _resolve(self, repo_type: str, segs: list[str], head: bool) -> None:
         repo_id = "/".join(segs[:2])
         rev, path = segs[3], "/".join(segs[4:])
-        self._check_repo(repo_type, repo_id, download=True)
-        snap = self._revision(repo_type, repo_id, rev)
+        entry = self._repo(repo_type, repo_id, download=True)
+        snap = self._revision(entry, rev)
         f = snap.files.get(path)
+        if f is not None and not self.server.store.current(f):
+            self.server.store.invalidate(snap)  # changed on disk since listed: list (and hash) again
+            snap = self._revision(entry, rev)
+            f = snap.files.get(path)
         if f is None:
-            raise _HTTPError(404, "EntryNotFound", f"{path} does not exist on {snap.commit}")
+            raise Rejected(404, "EntryNotFound", f"{path} does not exist on {snap.commit}")
         common = {
             "X-Repo-Commit": snap.commit,
             "ETag": f'"{f.etag}"',
             "Accept-Ranges": "bytes",
-            "Last-Modified": formatdate(f.abspath.stat().st_mtime, usegmt=True),
+            "Last-Modified": formatdate(f.mtime, usegmt=True),
         }
         if f.lfs:
             common["X-Linked-Etag"] = f'"{f.sha256}"'
@@ -385,6 +511,19 @@ class MirrorHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_file(f, common, head)
+
+    def _open_listed(self, f: StoredFile) -> int:
+        """Open exactly the file that was listed (same inode and version), never blocking on a FIFO."""
+        try:
+            fd = os.open(f.abspath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            raise Rejected(503, "ServiceUnavailable", "The file changed while being served: retry.") from None
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode) or (f.key is not None and file_key(st) != f.key):
+            os.close(fd)
+            self.server.store.invalidate()
+            raise Rejected(503, "ServiceUnavailable", "The file changed while being served: retry.")
+        return fd
 
     def send_file(self, f: StoredFile, headers: dict[str, str], head: bool) -> None:
         """Answer a GET/HEAD for ``f`` honouring a single ``Range``."""
@@ -403,24 +542,45 @@ class MirrorHandler(BaseHTTPRequestHandler):
             start, end = parsed
             status = 206
         length = max(0, end - start + 1)
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(length))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.end_headers()
-        if head or length == 0:
-            return
-        with open(f.abspath, "rb") as fh:
-            self.send_bytes(fh.fileno(), start, length, f)
+        fd = -1 if head or length == 0 else self._open_listed(f)
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(length))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if fd >= 0:
+                self.send_bytes(fd, start, length, f)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def send_bytes(self, fd: int, offset: int, count: int, f: StoredFile) -> None:
-        """Copy ``count`` bytes from ``fd`` at ``offset`` to the client (sendfile: no copies in Python)."""
+        """Copy ``count`` bytes from ``fd`` at ``offset`` to the client: ``sendfile`` (no copies in Python),
+        waiting for the socket with the connection's timeout; under TLS, read + ``sendall``."""
         sock = self.connection
+        if isinstance(sock, ssl.SSLSocket):
+            while count > 0:
+                data = os.pread(fd, min(count, 1024 * 1024), offset)
+                if not data:
+                    raise BrokenPipeError("file shrank while being sent")
+                sock.sendall(data)
+                offset += len(data)
+                count -= len(data)
+                self.server.count(len(data))
+            return
+        timeout = sock.gettimeout()
+        out = sock.fileno()
         while count > 0:
-            sent = os.sendfile(sock.fileno(), fd, offset, min(count, 8 * 1024 * 1024))
+            try:
+                sent = os.sendfile(out, fd, offset, min(count, 8 * 1024 * 1024))
+            except (BlockingIOError, InterruptedError):
+                if not select.select([], [out], [], timeout)[1]:
+                    raise TimeoutError("client stopped reading") from None
+                continue
             if sent == 0:
                 raise BrokenPipeError
             offset += sent
@@ -443,17 +603,18 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     False: unsatisfiable (416).
     """
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    if unit.strip().lower() != "bytes" or "," in spec or len(spec) > 64:
         return None
     first, _, last = spec.strip().partition("-")
-    try:
-        if first == "":
-            n = int(last)
-            return (max(0, size - n), size - 1) if n > 0 and size > 0 else False
-        start = int(first)
-        end = int(last) if last else size - 1
-    except ValueError:
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
         return None
+    if first == "":
+        if last == "":
+            return None
+        n = int(last)
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else False
+    start = int(first)
+    end = int(last) if last else size - 1
     if start >= size or start > end:
         return False
     return (start, min(end, size - 1))
