@@ -206,43 +206,100 @@ def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_typ
 @click.option("--access", "access_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML file with users (tokens), private and gated repos. Without it, everything is public.")
 @click.option("--access-log", is_flag=True, help="Log every request to stderr.")
-def serve(directory: Path, host: str, port: int, access_file: Path | None, access_log: bool) -> None:
+@click.option("--index", "index_only", is_flag=True, help="Hash every file into the index, then exit (no server).")
+@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the persistent hash index lives (default: DIR/.qtk-serve, or the user cache when DIR "
+                   "is read-only).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Serve HTTPS with this PEM certificate (chain).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The PEM private key of --tls-cert (if not inside it).")
+@click.option("--trusted-proxy", multiple=True, metavar="IP|CIDR",
+              help="Honour X-Forwarded-Proto/Host (in the URLs the mirror builds) only from these peers. Repeatable.")
+@click.option("--workers", type=click.IntRange(1, 512), default=32, show_default=True,
+              help="Worker threads: requests answered at the same time.")
+@click.option("--max-connections", type=click.IntRange(16, 65536), default=2048, show_default=True,
+              help="Open connections; past it new ones get 503 + Retry-After.")
+@click.option("--max-pending", type=click.IntRange(1, 65536), default=1024, show_default=True,
+              help="Complete requests waiting for a worker; past it 503 + Retry-After.")
+@click.option("--timeout", "io_timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds a connection may stay idle between requests, and per read/write of a response.")
+@click.option("--header-timeout", type=click.FloatRange(1, 600), default=20.0, show_default=True,
+              help="Seconds a client has to send a complete request head (slowloris guard).")
+def serve(directory: Path, host: str, port: int, access_file: Path | None, access_log: bool, index_only: bool,
+          index_dir: Path | None, tls_cert: Path | None, tls_key: Path | None, trusted_proxy: tuple[str, ...],
+          workers: int, max_connections: int, max_pending: int, io_timeout: float, header_timeout: float) -> None:
     """Serve a directory of model repos as a Hub-compatible endpoint (for air-gapped clusters).
 
-    DIRECTORY holds repos as plain folders (DIR/<ns>/<name>/..., datasets under DIR/datasets/) or is an
-    HF cache (DIR/models--ns--name/, e.g. ~/.cache/huggingface/hub: every cached revision is served).
-    Point clients at it with HF_ENDPOINT: `qtk pull`, `hf download`, transformers and vLLM all work.
+    DIRECTORY holds repos as plain folders (DIR/<ns>/<name>/..., datasets under DIR/datasets/), is a
+    `qtk provision` store (every kept version under its own commit) or an HF cache (DIR/models--ns--name/,
+    e.g. ~/.cache/huggingface/hub: every cached revision is served). Point clients at it with
+    HF_ENDPOINT: `qtk pull`, `hf download`, transformers and vLLM all work.
+
+    Every file is hashed once into a persistent index (at start, with a progress bar); restarts reuse it.
+    Names starting with a dot, the access file, symlinks leading out of a repo and special files are never
+    served.
 
     \b
     Examples:
       qtk serve /srv/models --host 0.0.0.0 --port 8080
-      qtk serve ~/.cache/huggingface/hub --access access.toml
+      qtk serve /srv/models --index                    # hash ahead of time, then exit
+      qtk serve ~/.cache/huggingface/hub --access access.toml --tls-cert m.pem --tls-key m.key
       HF_ENDPOINT=http://mirror:8080 qtk pull acme/llama-awq
     """
-    from ..hub.mirror.app import MirrorServer, load_auth
-    from ..hub.mirror.store import MirrorStore
+    from ..hub.mirror import service
 
     out = get_output()
-    store = MirrorStore(directory)
-    access = load_auth(access_file) if access_file else None
+    service.log_to_stderr()
+    if tls_key and not tls_cert:
+        raise errors.UsageError("--tls-key needs --tls-cert.")
+    access = service.read_access(access_file)
+    tls = service.tls_context(tls_cert, tls_key) if tls_cert else None
+    store = service.open_store(directory, index_dir=index_dir, access=access)
+    server = None
+    if not index_only:  # bind first: a taken port fails before minutes of hashing
+        server = service.make_server(store, host, port, access=access, access_log=access_log, tls=tls,
+                                     trusted_proxies=trusted_proxy,
+                                     options=service.ServeOptions(workers, max_connections, max_pending,
+                                                                  header_timeout, io_timeout, io_timeout))
     try:
-        server = MirrorServer((host, port), store, auth=access, access_log=access_log)
-    except OSError as exc:
-        raise errors.UsageError(f"Cannot listen on {host}:{port}: {exc.strerror}.",
-                                hint="Pick another --port (or 0 for a free one).") from exc
-    repos = store.list_repos()
-    out.err.print(f"Serving {len(repos)} repo(s) from {directory} at [bold]{server.url}[/bold]")
-    for kind, rid in repos[:20]:
-        out.err.print(f"  {kind + 's/' if kind != 'model' else ''}{rid}")
-    if access:
-        out.err.print(f"  access control: {len(access.users)} user(s), {len(access.repos)} repo rule(s)"
-                      + (", token required" if access.require_token else ""))
-    out.err.print(f"Use it with: export HF_ENDPOINT={server.url}")
-    click.echo(server.url)
-    sys.stdout.flush()
-    try:
+        stats = _index_with_progress(out, store)
+        repos = store.list_repos()
+        out.err.print(f"Indexed {len(repos)} repo(s), {stats.files} file(s) from {directory}: hashed "
+                      f"{stats.hashed_files} new file(s) ({human_bytes(stats.hashed_bytes)}); index at "
+                      f"{store.index.path or 'memory'}")
+        if server is None:
+            return
+        out.err.print(f"Serving at [bold]{server.url}[/bold] ({workers} workers)")
+        for kind, rid in repos[:20]:
+            out.err.print(f"  {kind + 's/' if kind != 'model' else ''}{rid}")
+        if access:
+            out.err.print(f"  access control: {len(access.users)} user(s), {len(access.repos)} repo rule(s)"
+                          + (", token required" if access.require_token else ""))
+        out.err.print(f"Use it with: export HF_ENDPOINT={server.url}")
+        click.echo(server.url)
+        sys.stdout.flush()
         server.serve_forever()
     except KeyboardInterrupt:
         out.err.print("Stopped.")
     finally:
-        server.server_close()
+        if server is not None:
+            server.server_close()
+        store.index.close()
+
+
+def _index_with_progress(out, store):
+    """Hash what the index lacks, with a progress bar on a terminal."""
+    if not out.interactive:
+        def announce(n: int, total: int) -> None:
+            if n:
+                out.err.print(f"Indexing {n} file(s), {human_bytes(total)} (hashed once, kept across restarts)...")
+
+        return store.index_all(on_total=announce)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("indexing"), BarColumn(bar_width=None), DownloadColumn(binary_units=False),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=out.err, transient=True) as bar:
+        task = bar.add_task("index", total=None)
+        return store.index_all(on_total=lambda n, total: bar.update(task, total=total),
+                               progress=lambda n: bar.update(task, advance=n))

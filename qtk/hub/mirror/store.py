@@ -142,7 +142,7 @@ class MirrorStore:
     def __init__(self, root: str | Path, *, index: HashIndex | None = None, exclude: Iterable[str | Path] = (),
                  listing_ttl: float = 2.0, catalog_ttl: float = 2.0) -> None:
         self.root = Path(root)
-        self.index = index or HashIndex(None)
+        self.index = index if index is not None else HashIndex(None)
         self.listing_ttl, self.catalog_ttl = listing_ttl, catalog_ttl
         self._excluded: set[tuple[int, int]] = set()
         self._mu = threading.Lock()

@@ -1,0 +1,84 @@
+"""Assembling ``qtk serve`` from its parts: the store with its persistent hash index, the access file,
+TLS, and the server's limits. The CLI command (``qtk/cli/hub.py``) is a thin wrapper over these."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ... import errors
+from .app import MirrorAuth, MirrorServer, load_auth
+from .hashindex import HashIndex, default_index_dir
+from .store import MirrorStore
+
+__all__ = ["ServeOptions", "open_store", "tls_context", "make_server", "log_to_stderr"]
+
+INDEX_FILE = "hash-index.sqlite"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    workers: int = 32
+    max_connections: int = 2048
+    max_pending: int = 1024
+    header_timeout: float = 20.0
+    idle_timeout: float = 60.0
+    io_timeout: float = 60.0
+
+
+def log_to_stderr() -> None:
+    """The mirror's warnings (skipped files, internal errors) and access log go to stderr."""
+    logger = logging.getLogger("qtk.mirror")
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("qtk serve: %(levelname)s %(message)s"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def open_store(directory: Path, *, index_dir: Path | None = None, access: MirrorAuth | None = None) -> MirrorStore:
+    """The store over ``directory`` with its hash index (``DIR/.qtk-serve`` if writable, else under the
+    user's cache, or ``index_dir``)."""
+    where = index_dir or default_index_dir(directory)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        index = HashIndex(where / INDEX_FILE)
+    except (OSError, Exception) as exc:  # sqlite3.Error included
+        if index_dir is not None:
+            raise errors.NotWritableError(f"Cannot open the hash index in {where}: {exc}.",
+                                          hint="Pick a writable --index-dir.") from exc
+        logging.getLogger("qtk.mirror").warning("hash index kept in memory only (%s not writable: %s)", where, exc)
+        index = HashIndex(None)
+    return MirrorStore(directory, index=index, exclude=[access.source] if access and access.source else ())
+
+
+def tls_context(cert: Path, key: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.UsageError(f"Cannot load the TLS certificate {cert} / key {key}: {exc}.",
+                                hint="--tls-cert takes a PEM certificate (chain), --tls-key its PEM private key.") from exc
+    return ctx
+
+
+def make_server(store: MirrorStore, host: str, port: int, *, access: MirrorAuth | None, access_log: bool,
+                tls: ssl.SSLContext | None, trusted_proxies, options: ServeOptions) -> MirrorServer:
+    try:
+        return MirrorServer((host, port), store, auth=access, access_log=access_log, ssl_context=tls,
+                            trusted_proxies=trusted_proxies, workers=options.workers,
+                            max_connections=options.max_connections, max_pending=options.max_pending,
+                            header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
+                            io_timeout=options.io_timeout)
+    except OSError as exc:
+        raise errors.UsageError(f"Cannot listen on {host}:{port}: {exc.strerror}.",
+                                hint="Pick another --port (or 0 for a free one).") from exc
+
+
+def read_access(path: Path | None) -> MirrorAuth | None:
+    return load_auth(path) if path else None
