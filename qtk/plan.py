@@ -258,13 +258,14 @@ def plan(shape: ModelShape, *, formats: list[str], contexts: list[int], batch: i
 # -- memory that qtk's own steps need (quantize, verify), for early refusal and provision --dry-run ---------
 
 def quantized_format(method: str, group_size: int = 128) -> Format:
-    """The on-disk/in-memory format a ``qtk quantize`` recipe produces."""
-    if method == "nf4":
+    """The on-disk/in-memory format a ``qtk quantize`` recipe produces (the method registry's
+    ``weights`` says which: NF4, or 4-bit with group scales/zeros)."""
+    from .quantize.registry import method_spec
+
+    if method_spec(method).weights == "nf4":
         return FORMATS["nf4"]
-    if method in ("gptq", "awq"):
-        g = group_size if group_size and group_size > 0 else 1 << 30  # per row: one scale per row
-        return Format(f"{method}-g{group_size}", f"{method.upper()} 4-bit, group {group_size}", _group_bits(g, 4), 16)
-    raise errors.UsageError(f"Unknown method {method!r}.")
+    g = group_size if group_size and group_size > 0 else 1 << 30  # per row: one scale per row
+    return Format(f"{method}-g{group_size}", f"{method.upper()} 4-bit, group {group_size}", _group_bits(g, 4), 16)
 
 
 def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: int = 128, samples: int = 128,
@@ -277,8 +278,10 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
     Calibrated on SmolLM2-135M on an H100: GPTQ 128x512 -> 343 MB VRAM measured (this: 0.29 GB),
     NF4 -> 113 MB measured (this: 0.11 GB)."""
     bf16 = weight_bytes(shape, FORMATS["bf16"])
+    from .quantize.registry import method_spec
+
     q = weight_bytes(shape, quantized_format(method, group_size))
-    if method == "nf4":
+    if method_spec(method).memory_model == "quantized_load":  # the registry says which formula applies
         return {"device": device, "device_bytes": q, "host_bytes": bf16 if device == "cpu" else q}
     layer = 2 * (shape.linear + shape.params["norms"]) // max(shape.layers, 1)
     activations = 3 * samples * seq_len * shape.hidden * 2

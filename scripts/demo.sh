@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-.venv/bin/python scripts/demo.py "$@"
+"${QTK_VENV:-.venv}/bin/python" scripts/demo.py "$@"

@@ -55,3 +55,20 @@ def test_backend_output_goes_to_a_log_file_and_the_terminal_keeps_qtk_messages(t
     for line in ("python stdout chatter", "python stderr chatter", "native stdout chatter", "native stderr chatter"):
         assert line in text and line not in captured.out + captured.err
     assert "qtk progress" in captured.err and "qtk progress" not in text
+
+
+def test_plot_uses_short_tags_and_a_legend_with_the_full_names(tmp_path):
+    pytest.importorskip("matplotlib")
+    from qtk.verify.report import plot
+
+    names = ["/very/long/path/to/FaceTB/SmolLM2-135M-Instruct", "/x/FaceTB/SmolLM2-135M-Instruct-gptq-w4g64",
+             "/x/FaceTB/SmolLM2-135M-Instruct-nf4-w4", "/cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+    models = [{"name": n, "format": f, "role": "reference" if i == 0 else "candidate", "size_bytes": (4 - i) * 1e8,
+               "perplexity": {"ppl": 10 + i, "stderr": 0.3},
+               "smoke": [{"decode_tps": 20.0 + i}]} for i, (n, f) in enumerate(zip(names, ["bf16", "gptq", "nf4", "gguf"]))]
+    report = {"models": models, "protocol": {"ctx": 512}, "hardware": {"device": "cpu"}}
+    legend = plot(report, tmp_path / "r.png")
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert [t.split()[0] for t in texts] == ["M1", "M2", "M3", "M4"]
+    assert "SmolLM2-135M-Instruct-gptq-w4g64 (gptq)" in texts[1] and "reference" in texts[0]
+    assert (tmp_path / "r.png").stat().st_size > 10_000

@@ -15,15 +15,44 @@ __all__ = ["quantize_cmd", "calibration"]
 
 
 def _default_output(model: str, method: str, bits: int, group: int) -> Path:
+    from ..quantize.registry import method_spec
+
     name = Path(model).name if Path(model).exists() else model.split("/")[-1]
-    suffix = f"w{bits}" + (f"g{group}" if method != "nf4" else "")
+    suffix = f"w{bits}" + (f"g{group}" if method_spec(method).weights == "group" else "")
     return Path(f"{name}-{method}-{suffix}")
+
+
+class MethodChoice(click.Choice):
+    """``--method``'s choices, read from the method registry when asked (methods registered after
+    import show up in ``--help`` and are accepted)."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self):
+        from ..quantize.registry import method_names
+
+        return method_names()
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click's __init__ assigns it; the registry is the source
+        pass
+
+
+class MethodHelpOption(click.Option):
+    """``--method``'s help: one line per registered method, from the registry."""
+
+    def get_help_record(self, ctx):
+        from ..quantize.registry import methods
+
+        self.help = "; ".join(f"{m.name}: {m.summary}" for m in methods()) + "."
+        return super().get_help_record(ctx)
 
 
 @click.command("quantize")
 @click.argument("model")
-@click.option("--method", type=click.Choice(["gptq", "awq", "nf4"]), required=True,
-              help="gptq / awq: GPTQModel, calibrated; nf4: bitsandbytes, data-free.")
+@click.option("--method", type=MethodChoice(), required=True, cls=MethodHelpOption, help="(from the method registry)")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (default: ./<model>-<method>-w<bits>g<group>).")
 @click.option("--bits", type=int, default=4, show_default=True, help="4 (8 for gptq).")

@@ -40,12 +40,14 @@ __all__ = ["verify_cmd"]
 @click.option("--max-kld", type=float, metavar="X", help="Gate: mean KL divergence from the reference at most X.")
 @click.option("--min-top1", type=float, metavar="PCT", help="Gate: top-1 agreement with the reference at least PCT%.")
 @click.option("--require-smoke", is_flag=True, help="Gate: every smoke answer non-empty, stopped, not looping.")
+@click.option("--smoke-answers/--no-smoke-answers", default=True, show_default=True,
+              help="Print the smoke answers side by side above the table (they are in --markdown/--json either way).")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing but the result (the table, or the JSON with --json -).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Stream the backends' own output live (default: into a per-run log file, path printed).")
 def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gguf_file, smoke, max_new_tokens,
                temperature, top_p, seed, device, threads, json_file, md_file, plot_file, max_ppl_increase, max_kld,
-               min_top1, require_smoke, quiet, verbose) -> None:
+               min_top1, require_smoke, smoke_answers, quiet, verbose) -> None:
     """Compare quantized models (and GGUF files) with a reference, with one protocol for every format.
 
     Each model is a checkpoint dir, a repo id (from the cache; pulled with qtk if missing), or a GGUF
@@ -88,7 +90,7 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
     if str(json_file) == "-":
         click.echo(json.dumps(report, indent=2, default=str))
     if str(json_file) != "-":
-        if smoke and not quiet:  # the answers first: the table is the last thing on the terminal
+        if smoke and smoke_answers and not quiet:  # the answers first: the table is the last thing on the terminal
             for m in report["models"]:
                 for s in m["smoke"]:
                     mark = "ok " if s["ok"] else "BAD"

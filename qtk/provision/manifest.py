@@ -203,7 +203,9 @@ class _Checker:
 
 def load_manifest(path: str | Path, *, store: str | Path | None = None) -> Manifest:
     """Read and validate a manifest. ``store`` (or $QTK_STORE) overrides the manifest's store path."""
-    from ..quantize.registry import METHOD_NAMES as METHODS
+    from ..quantize.registry import method_names
+
+    METHODS = method_names()  # noqa: N806 - read when called: methods registered later are known
 
     file = Path(path).expanduser()
     try:

@@ -169,22 +169,16 @@ class Provisioner:
 
     def _inputs(self, spec: ModelSpec, recipe: Recipe, source: dict) -> dict:
         from ..quantize.base import QuantizeOptions
-        from ..quantize.registry import get_method
+        from ..quantize.registry import get_method, method_spec
         from ..verify.run import Gates, VerifyOptions
 
         method = get_method(recipe.method)
         q = QuantizeOptions(method=recipe.method, **recipe.params, device=self.m.device)
         q = replace(q, sym=method.sym(q))
-        # only what the method reads: NF4 output does not depend on calibration or group options
-        unused = {"device"}
-        if not method.needs_calibration:
-            unused |= {"calibration", "text_field", "samples", "seq_len", "seed", "chat_template", "allow_fewer"}
-        if not method.uses_group_size:
-            unused |= {"group_size", "desc_act"}
-        elif method.name != "gptq":
-            unused.add("desc_act")
-        qparams = {k: v for k, v in q.to_dict().items() if k not in unused}
-        cal = self._text_digest(q.calibration, q.text_field) if method.needs_calibration else None
+        # only what the method reads (the registry says): NF4 output does not depend on calibration options
+        reads = {"method", *method_spec(recipe.method).reads}
+        qparams = {k: v for k, v in q.to_dict().items() if k in reads}
+        cal = self._text_digest(q.calibration, q.text_field) if "calibration" in reads else None
         qkey = _key({"v": 1, "source": source, "params": qparams, "calibration_sha256": cal})
         v = VerifyOptions(**spec.verify, device=self.m.device)
         vparams = {k: getattr(v, k) for k in ("text", "text_field", "ctx", "max_tokens", "smoke", "max_new_tokens",

@@ -1,9 +1,11 @@
 """One interface for every quantization method.
 
-A method is one module that subclasses :class:`Method`, declares what it supports as class
-attributes, and registers itself in :mod:`qtk.quantize.registry`. Adding a method (llm-compressor
-W4A16, FP8, GGUF k-quants...) is a new module plus one registry line; the pipeline (validation,
-calibration, atomic output, model card, provenance) is shared.
+A method is one module that subclasses :class:`Method` and declares what it supports as class
+attributes, plus one entry in :mod:`qtk.quantize.registry` (CLI name, output format, the options its
+output depends on, memory model). Adding a method (llm-compressor W4A16, FP8, GGUF k-quants...) is
+that module and that entry: the CLI, the planner and provision read the registry, and the pipeline
+(validation, calibration, atomic output, model card, provenance) is shared. ``tests/toy_method.py``
+is the smallest example.
 """
 
 from __future__ import annotations

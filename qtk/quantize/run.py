@@ -25,7 +25,7 @@ from ..devices import resolve_device
 from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from .calibration import Samples, build_samples, load_calibration
-from .registry import get_method
+from .registry import get_method, method_spec
 from .source import SourceModel, resolve_model
 
 __all__ = ["QuantizeResult", "quantize", "resolve_device", "PROVENANCE_FILE"]
@@ -36,8 +36,6 @@ _COPY_FROM_SOURCE = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
-# On CPU, measured on SmolLM2-135M (2 cores): GPTQ ~150 s, AWQ ~20 min for 64 x 256 tokens.
-_CPU_SECONDS_PER_MPARAM = {"gptq": 1.1, "awq": 9.0, "nf4": 0.2}
 _CPU_WARN_PARAMS = 1_000_000_000
 
 
@@ -90,7 +88,7 @@ def _layer_progress(model: SourceModel, device: str, progress: Progress | None):
     def hook(module, _args):
         if id(module) not in seen and type(module).__name__.endswith("DecoderLayer"):
             seen.add(id(module))
-            progress("quantize: layer", min(len(seen) - 1, total), total, _peak_bytes(device))
+            progress("quantize: layers done", min(len(seen) - 1, total), total, _peak_bytes(device))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook) if total else None
     try:
@@ -99,7 +97,7 @@ def _layer_progress(model: SourceModel, device: str, progress: Progress | None):
         if handle is not None:
             handle.remove()
     if seen and total:
-        progress("quantize: layer", total, total, _peak_bytes(device))
+        progress("quantize: layers done", total, total, _peak_bytes(device))
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -139,7 +137,7 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
             )
         if model.num_params > _CPU_WARN_PARAMS:
             scale = options.samples * options.seq_len / (64 * 256) if method.needs_calibration else 1
-            est = model.num_params / 1e6 * _CPU_SECONDS_PER_MPARAM.get(method.name, 1) * scale
+            est = model.num_params / 1e6 * method_spec(method.name).cpu_seconds_per_mparam * scale
             warn(f"Quantizing {model.num_params / 1e9:.1f}B parameters on the CPU: roughly {est / 3600:.1f} h "
                  "(estimated from SmolLM2-135M timings). A CUDA GPU is much faster.")
 

@@ -98,19 +98,32 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def _ellipsize(text: str, width: int = 72) -> str:
+    return text if len(text) <= width else text[: width // 2 - 1] + "…" + text[-(width - width // 2):]
+
+
+def plot(report: dict, path: Path):
+    """Quality vs size, and decode speed. Points and bars carry short tags (M1, M2...); one legend
+    under the plots names each model in full, so long names neither overlap nor get cut."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ms = report["models"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in ms:
+    tags = [f"M{i + 1}" for i in range(len(ms))]
+    colors = [plt.cm.tab10.colors[i % 10] for i in range(len(ms))]
+    ncol = 1 if len(ms) <= 3 else 2
+    legend_rows = math.ceil(len(ms) / ncol)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.22 * legend_rows))
+    for tag, color, m in zip(tags, colors, ms):
         x, y = m["size_bytes"] / 1e6, m["perplexity"]["ppl"]
-        a.errorbar(x, y, yerr=m["perplexity"]["stderr"], fmt="o", capsize=3)
-        a.annotate(f"{short_name(m['name'])[-28:]}\n({m['format']})", (x, y), textcoords="offset points",
-                   xytext=(6, 4), fontsize=8)
+        role = ", reference" if m["role"] == "reference" else ""
+        a.errorbar(x, y, yerr=m["perplexity"]["stderr"], fmt="o", capsize=3, color=color,
+                   label=f"{tag}  {_ellipsize(short_name(m['name']))} ({m['format']}{role})")
+        a.annotate(tag, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     a.set_xlabel("size on disk (MB)")
     a.set_ylabel(f"perplexity (ctx {report['protocol']['ctx']}, lower is better)")
     a.set_title("quality vs size")
@@ -119,12 +132,14 @@ def plot(report: dict, path: Path) -> None:
     for m in ms:
         v = [s["decode_tps"] for s in m.get("smoke") or [] if s["decode_tps"]]
         dec.append(sum(v) / len(v) if v else 0.0)
-    labels = [f"{short_name(m['name'])[-22:]}\n{m['format']}" for m in ms]
-    b.bar(range(len(ms)), dec, color="tab:blue")
-    b.set_xticks(range(len(ms)), labels, fontsize=8)
+    b.bar(range(len(ms)), dec, color=colors)
+    b.set_xticks(range(len(ms)), [f"{tag}\n{m['format']}" for tag, m in zip(tags, ms)], fontsize=9)
     b.set_ylabel("decode tokens/s")
     b.set_title(f"decode speed ({report['hardware']['device']})")
     b.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    legend = fig.legend(loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    bottom = (0.3 + 0.22 * legend_rows) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return legend

@@ -105,7 +105,7 @@ def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOption
             p.kl = KLAccumulator()
     ref_windows = list(windows(ref_ids, opts.ctx, bos_id=ref.bos_id, add_bos=ref.add_bos, max_tokens=opts.max_tokens))
     for n, w in enumerate(ref_windows):
-        progress(f"verify: window ({len(models)} models)", n, len(ref_windows), _rss_peak())
+        progress(f"perplexity + KL ({len(models)} models): windows done", n, len(ref_windows), _rss_peak())
         ref_logits = passes[0].logits(ref, w)
         passes[0].nlls.append(token_nll(ref_logits, w))
         for p, m, ids in zip(passes[1:], models[1:], token_ids[1:]):
@@ -117,7 +117,7 @@ def _measure(models: list[Model], token_ids: list[list[int]], opts: VerifyOption
                 p.kl.add(ref_logits, cand, w)
             if same:
                 p.nlls.append(token_nll(cand, w))
-    progress(f"verify: window ({len(models)} models)", len(ref_windows), len(ref_windows), _rss_peak())
+    progress(f"perplexity + KL ({len(models)} models): windows done", len(ref_windows), len(ref_windows), _rss_peak())
     for p, m, ids in zip(passes[1:], models[1:], token_ids[1:]):
         if not p.nlls:  # its own tokens, its own windows
             for w in windows(ids, opts.ctx, bos_id=m.bos_id, add_bos=m.add_bos, max_tokens=opts.max_tokens):
@@ -135,7 +135,8 @@ def _rss_peak() -> int | None:
 
 def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_file: str | None = None,
            log=lambda s: None, progress=_no_progress) -> dict:
-    """``progress(stage, done, total, peak_bytes)``: model i/M loaded, window i/N, smoke i/M."""
+    """``log``: model i/M loading, smoke generation i/M; ``progress(stage, done, total, peak_bytes)``:
+    window i/N of the perplexity/KL pass."""
     from ..devices import resolve_device
     from ..modelspec import check_spec
     from .models import detect_format
@@ -152,16 +153,13 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
     models: list[tuple[str, Model, int | None]] = []
     for i, spec in enumerate(specs):
         before = _rss_bytes()
-        progress("verify: load model", i, len(specs), _rss_peak())
-        log(f"loading {spec} ...")
+        log(f"loading model {i + 1}/{len(specs)}: {spec}")
         with stdout_to_stderr():
             m = open_model(spec, gguf_file=gguf_file, device=device, threads=opts.threads, n_ctx=n_ctx)
         after = _rss_bytes()
         models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
-    progress("verify: load model", len(specs), len(specs), _rss_peak())
     ref = models[0][1]
     token_ids = [m.tokenize(text) for _, m, _ in models]
-    log("perplexity and KL, window by window ...")
     passes = _measure([m for _, m, _ in models], token_ids, opts, progress)
     reports = []
     for (role, m, rss), ids, p in zip(models, token_ids, passes):
@@ -176,8 +174,7 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
                           summarize(p.nlls, len(ids)).to_dict(), p.prefill_tps,
                           p.kl.result().to_dict() if p.kl else None, getattr(m, "compute_dtype", None), match)
         if opts.smoke:
-            progress("verify: smoke generation", len(reports), len(models), _rss_peak())
-            log(f"smoke generation: {m.name} ...")
+            log(f"smoke generation {len(reports) + 1}/{len(models)}: {m.name}")
             with stdout_to_stderr():
                 rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
                                                             temperature=opts.temperature, top_p=opts.top_p,
@@ -188,8 +185,6 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
             rep.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         reports.append(rep)
-    if opts.smoke:
-        progress("verify: smoke generation", len(models), len(models), _rss_peak())
     ref_ppl = reports[0].perplexity["ppl"]
     for rep in reports[1:]:
         rep.ppl_increase_pct = (rep.perplexity["ppl"] / ref_ppl - 1) * 100
@@ -223,8 +218,10 @@ def _memory_needed(path, fmt: str, device: str, ctx: int) -> tuple[str, int] | N
     except errors.QtkError:
         return None
     qc = cfg.get("quantization_config") or {}
-    weights = quantized_format(fmt, int(qc.get("group_size") or 128)) if fmt in ("gptq", "awq", "nf4") \
-        else FORMATS["bf16"]
+    from ..quantize.registry import methods
+
+    method = next((m.name for m in methods() if m.output_format == fmt), None)
+    weights = quantized_format(method, int(qc.get("group_size") or 128)) if method else FORMATS["bf16"]
     return device, inference_memory(shape, weights, device=device, ctx=ctx)
 
 
