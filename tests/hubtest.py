@@ -107,7 +107,8 @@ class FaultyHandler(MirrorHandler):
     def send_bytes(self, fd: int, offset: int, count: int, f: StoredFile) -> None:
         faults: Faults = self.server.faults
         reset = faults.take(faults.resets, f.path)
-        corrupt = faults.take(faults.corrupt, f.path)
+        # only a response that carries the byte at corrupt_offset can flip it
+        corrupt = offset <= faults.corrupt_offset < offset + count and faults.take(faults.corrupt, f.path)
         if not (faults.throttle_bps or reset or corrupt):
             return super().send_bytes(fd, offset, count, f)
         piece = 64 * 1024

@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import errors
 
-__all__ = ["HubContext", "map_hub_errors", "error_for_status"]
+__all__ = ["HubContext", "map_hub_errors", "error_for_status", "public_url", "public_text"]
+
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def public_url(url: str, *, path: bool = True) -> str:
+    """``url`` as qtk may print it: no ``user:password@``, no query (a signed URL's query is a
+    credential), no fragment; with ``path=False`` only the origin."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return public_text(url.split("?", 1)[0])
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path if path else "", "", ""))
+
+
+def public_text(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it removed."""
+    return _USERINFO_RE.sub(r"\1", text)
 
 
 @dataclass(frozen=True)
@@ -22,8 +46,13 @@ class HubContext:
     has_token: bool = False
 
     @property
+    def shown_endpoint(self) -> str:
+        """The endpoint as messages show it: without credentials (``http://user:pass@host``)."""
+        return public_url(self.endpoint)
+
+    @property
     def repo_url(self) -> str:
-        return f"{self.endpoint}/{self.repo_id}"
+        return f"{self.shown_endpoint}/{self.repo_id}"
 
 
 def error_for_status(
@@ -36,7 +65,7 @@ def error_for_status(
     repo = ctx.repo_id or "?"
     if error_message == "Invalid credentials in Authorization header" or error_code == "InvalidToken":
         return errors.InvalidTokenError(
-            f"{ctx.endpoint} rejected the token (401 invalid credentials).",
+            f"{ctx.shown_endpoint} rejected the token (401 invalid credentials).",
             hint="Run `qtk login` with a valid token, or unset/fix HF_TOKEN.",
         )
     if error_code == "GatedRepo":
@@ -61,18 +90,18 @@ def error_for_status(
         )
     if ctx.repo_id is None and status == 401:  # e.g. whoami
         return errors.InvalidTokenError(
-            f"{ctx.endpoint} did not accept the token (401{': ' + error_message if error_message else ''}).",
+            f"{ctx.shown_endpoint} did not accept the token (401{': ' + error_message if error_message else ''}).",
             hint="Run `qtk login` with a valid token, or unset/fix HF_TOKEN.",
         )
     if error_code == "RepoNotFound" or status in (401, 404) and ctx.filename is None:
         login_hint = "" if ctx.has_token else " If it is private, run `qtk login` first."
         return errors.RepoNotFoundError(
-            f"Repository {repo} not found at {ctx.endpoint} (or it is private and your token cannot see it).",
+            f"Repository {repo} not found at {ctx.shown_endpoint} (or it is private and your token cannot see it).",
             hint=f"Check the repo id (namespace/name).{login_hint}",
         )
     if status == 401:
         return errors.NotLoggedInError(
-            f"{ctx.endpoint} requires authentication for {repo}.", hint="Run `qtk login` (or set HF_TOKEN)."
+            f"{ctx.shown_endpoint} requires authentication for {repo}.", hint="Run `qtk login` (or set HF_TOKEN)."
         )
     if status == 403:
         return errors.AccessDeniedError(
@@ -85,7 +114,7 @@ def error_for_status(
             hint="`qtk pull --dry-run` lists the files the repo has.",
         )
     return errors.NetworkError(
-        f"{ctx.endpoint} answered HTTP {status}{': ' + error_message if error_message else ''}.",
+        f"{ctx.shown_endpoint} answered HTTP {status}{': ' + error_message if error_message else ''}.",
         hint="This is likely a server-side problem; retry later.",
     )
 
@@ -122,12 +151,12 @@ def map_hub_errors(ctx: HubContext) -> Iterator[None]:
         raise error_for_status(status, code, message, ctx) from exc
     except hf_errors.HTTPError as exc:  # transport: connect/read errors, timeouts
         raise errors.NetworkError(
-            f"Could not reach {ctx.endpoint}: {type(exc).__name__}: {exc}",
+            f"Could not reach {ctx.shown_endpoint}: {type(exc).__name__}: {public_text(str(exc))}",
             hint="Check HF_ENDPOINT and your network; set HF_HUB_OFFLINE=1 to use only the local cache.",
         ) from exc
     except OSError as exc:
         if isinstance(exc, (ConnectionError, TimeoutError)):
             raise errors.NetworkError(
-                f"Could not reach {ctx.endpoint}: {exc}", hint="Check HF_ENDPOINT and your network."
+                f"Could not reach {ctx.shown_endpoint}: {public_text(str(exc))}", hint="Check HF_ENDPOINT and your network."
             ) from exc
         raise
