@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qtk._stdio import backend_output, run_log_path
 from qtk.embedded import BF16_REPO, GGUF_NAME, GGUF_REPO, build_bf16_checkpoint, shipped_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +37,10 @@ def stage_mirror(store: Path) -> None:
         shutil.copyfile(src, gguf_repo / GGUF_NAME)
     bf16_repo = store / BF16_REPO
     if not (bf16_repo / "config.json").exists():
-        print("building the BF16 checkpoint from the GGUF (once, ~25 s) ...", flush=True)
-        build_bf16_checkpoint(bf16_repo)
+        log = run_log_path("demo", "bf16")
+        print(f"building the BF16 checkpoint from the GGUF (once, ~25 s; torch's output: {log}) ...", flush=True)
+        with backend_output(log):
+            build_bf16_checkpoint(bf16_repo)
 
 
 def qtk(*args: str, env: dict) -> dict:

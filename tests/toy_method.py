@@ -32,3 +32,20 @@ class Toy(Method):
             shutil.copyfile(f, ctx.out / f.name)
         cfg = dict(ctx.model.config, quantization_config=self.expected_config(ctx.options))
         (ctx.out / "config.json").write_text(json.dumps(cfg))
+
+
+class ToyBroken(Toy):
+    """Chatters like a backend, then fails inside the backend."""
+
+    name = "toy-broken"
+
+    def run(self, ctx: RunContext) -> None:
+        import logging
+        import os
+        import sys
+
+        print("backend banner on stdout")
+        print("backend progress on stderr", file=sys.stderr)
+        logging.getLogger("toy.backend").warning("backend logger warning")
+        os.write(2, b"native library chatter\n")
+        raise RuntimeError("backend exploded in layer 3")
