@@ -119,22 +119,21 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
             f"The output needs roughly {need / 1e9:.2f} GB in {out_parent}; {free / 1e9:.2f} GB are free.",
             hint="Free space or choose another -o.",
         )
-    from ..plan import check_fits, device_capacity, quantize_memory, shape_from_config
+    from ..plan import check_fits, quantize_memory, shape_from_config
 
-    if device == "cuda":  # the planner's estimate of what lands on the GPU, before loading anything
-        with contextlib.suppress(errors.ModelFormatError):  # a config the planner cannot read: no estimate
-            shape = shape_from_config(model.config)
-            need = quantize_memory(shape, method.name, device="cuda", group_size=options.group_size,
-                                   samples=options.samples, seq_len=options.seq_len)["device_bytes"]
-            check_fits(need, "cuda", f"Quantizing {model.repo_id or model.path.name} with {method.name}",
+    # the planner's estimate (the same formula qtk plan and provision --dry-run use), before loading anything
+    with contextlib.suppress(errors.ModelFormatError):  # a config the planner cannot read: no estimate
+        shape = shape_from_config(model.config)
+        mem = quantize_memory(shape, method.name, device=device, group_size=options.group_size,
+                              samples=options.samples, seq_len=options.seq_len)
+        what = f"Quantizing {model.repo_id or model.path.name} with {method.name}"
+        if device == "cuda":
+            check_fits(mem["device_bytes"], "cuda", what,
                        hint="Lower --samples/--seq-len (activations scale with both), or use a bigger GPU.")
+        else:  # on a GPU node GPTQModel may offload layers to disk, so RAM is checked on the CPU path only
+            check_fits(mem["host_bytes"], "cpu", what,
+                       hint="Use a GPU (--device cuda), lower --samples/--seq-len, or a machine with more memory.")
     if device == "cpu":
-        _, avail = device_capacity("cpu")
-        if avail is not None and model.weight_bytes * 1.5 > avail:
-            raise errors.ResourceError(
-                f"The model needs ~{model.weight_bytes * 1.5 / 1e9:.1f} GB of RAM on CPU; {avail / 1e9:.1f} GB available.",
-                hint="Use a GPU (--device cuda) or a machine with more memory.",
-            )
         if model.num_params > _CPU_WARN_PARAMS:
             scale = options.samples * options.seq_len / (64 * 256) if method.needs_calibration else 1
             est = model.num_params / 1e6 * method_spec(method.name).cpu_seconds_per_mparam * scale
@@ -211,7 +210,6 @@ def quantize(
     model = resolve_model(model_spec, revision=revision, settings=settings)
     options = replace(options, sym=method.sym(options))
     method.validate(model, options, device)
-    _check_resources(model, method, options, device, out.parent, warn)
     samples: Samples | None = None
     if method.needs_calibration:
         from transformers import AutoTokenizer
@@ -225,6 +223,7 @@ def quantize(
                                 chat_template=chat_template, allow_fewer=options.allow_fewer)
         if len(samples.input_ids) < options.samples:
             warn(f"Only {len(samples.input_ids)} calibration samples (asked for {options.samples}): --allow-fewer.")
+    _check_resources(model, method, options, device, out.parent, warn)  # after the cheap checks, before any load
     log(f"Quantizing {model.repo_id or model.path} ({model.num_params / 1e6:.0f}M params, {model.dtype}) with "
         f"{method.name} {options.bits}-bit, group {options.group_size}, {'sym' if options.sym else 'asym'} on {device}")
 
