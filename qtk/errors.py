@@ -76,25 +76,42 @@ __all__ = [
 
 EXIT_INTERRUPTED = 130
 
-# Hugging Face user access tokens look like ``hf_`` + 30+ alphanumerics; also catch
-# "Bearer <anything>" in case an HTTP library echoes a header.
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{4,}")
-_BEARER_RE = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
+# What redact() hides, and only that (paths, JSON keys and package names stay intact):
+# - the token values qtk read or was given (register_secret);
+# - token-shaped strings: Hub user access tokens are "hf_" + 34 letters/digits, so "hf_" + 30 or more.
+#   "/tmp/hf_cache" or "hf_token_env_set" are not tokens;
+# - the value of an Authorization header (any scheme) and of "Bearer <credential>";
+# - the password of credentials in a URL (http://user:pass@host).
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{30,}")
+_AUTH_HEADER_RE = re.compile(
+    r"""(?P<name>authorization['"]?\s*[:=]\s*['"]?)(?:(?P<scheme>bearer|basic|token|digest)\s+)?(?P<value>[^\s'",;}]+)""",
+    re.IGNORECASE,
+)
+_BEARER_RE = re.compile(r"(?P<scheme>Bearer\s+)(?P<value>[A-Za-z0-9._~+/=-]{8,})")
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]*):(?P<password>[^/\s@]+)@")
 _extra_secrets: set[str] = set()
 
 
 def register_secret(secret: str | None) -> None:
-    """Remember a token that does not look like ``hf_...`` so that :func:`redact` hides it too."""
+    """Remember a token value so that :func:`redact` hides it wherever it appears (any shape, 8+ characters)."""
     if secret and len(secret) >= 8:
         _extra_secrets.add(secret)
 
 
+def _auth_header(m: re.Match) -> str:
+    scheme = f"{m.group('scheme')} " if m.group("scheme") else ""
+    return f"{m.group('name')}{scheme}***"
+
+
 def redact(text: str) -> str:
-    """Hide anything that looks like a token in ``text``."""
-    text = _TOKEN_RE.sub("hf_***", text)
-    text = _BEARER_RE.sub(r"\1***", text)
-    for secret in _extra_secrets:
+    """Hide credentials in ``text``: known token values, token-shaped strings, Authorization/Bearer values and
+    passwords in URLs. Nothing else is touched."""
+    for secret in sorted(_extra_secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
+    text = _TOKEN_RE.sub("hf_***", text)
+    text = _AUTH_HEADER_RE.sub(_auth_header, text)
+    text = _BEARER_RE.sub(lambda m: f"{m.group('scheme')}***", text)
+    text = _URL_CREDENTIALS_RE.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", text)
     return text
 
 

@@ -40,7 +40,7 @@ def test_redact_registered_secret_without_prefix():
 
 
 def test_error_message_and_hint_are_redacted():
-    e = errors.InvalidTokenError("bad hf_SECRETSECRETSECRET", hint="again hf_SECRETSECRETSECRET")
+    e = errors.InvalidTokenError("bad hf_SECRETSECRETSECRETSECRETSECRET00", hint="again hf_SECRETSECRETSECRETSECRETSECRET00")
     assert "SECRET" not in str(e)
     assert "SECRET" not in repr(e.to_dict())
 

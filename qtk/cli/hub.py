@@ -104,6 +104,8 @@ def _plan_table(plan: PullPlan) -> Table:
     for p in plan.files:
         if p.present:
             status = "[green]present[/green]"
+        elif p.damaged:
+            status = "[red]damaged: fetch again[/red]"
         elif p.resumable:
             status = f"[yellow]resume ({human_bytes(p.resumable)} done)[/yellow]"
         else:
@@ -125,20 +127,32 @@ def _plan_table(plan: PullPlan) -> Table:
 @click.option("--connections", type=click.IntRange(1, 64), default=DEFAULT_CONNECTIONS, show_default=True,
               help="Parallel HTTP connections (Range requests) shared by all files.")
 @click.option("--dry-run", is_flag=True, help="Show the files, sizes and what is already present; download nothing.")
+@click.option("--verify", is_flag=True, help="Re-hash the files the cache already holds for this pull and re-fetch any "
+              "that do not match (without it, blobs qtk verified before are trusted).")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Give up (exit 22) after waiting SECONDS for another process that downloads the same file. "
+              "Default: wait as long as it takes.")
 @json_option
 @quiet_option
-def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_type, connections, dry_run) -> None:
+def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_type, connections, dry_run, verify,
+             lock_timeout) -> None:
     """Download a repo (or selected files) from the Hub into the HF cache: parallel, resumable, verified.
 
     Every file is checked against the Hub's sha256 (LFS) or git sha1 before it is moved into place; an
     interrupted pull (Ctrl-C, kill -9, network loss, reboot) resumes from what was finished. A second
-    identical pull transfers nothing. Prints the snapshot path on stdout.
+    identical pull transfers nothing and writes nothing (it works on a read-only cache). Files with the
+    same content share one blob. Prints the snapshot path on stdout.
+
+    \b
+    Shared caches (NFS, Lustre, GPFS, BeeGFS): where file locks do not work, qtk says so once and uses
+    lock files with a heartbeat instead; a holder silent for 60 s is taken over.
 
     \b
     Examples:
       qtk pull meta-llama/Llama-3.1-8B-Instruct --include '*.safetensors' --include '*.json'
       qtk pull Qwen/Qwen2.5-0.5B-Instruct --revision v1.0 --dry-run
       qtk pull org/model --local-dir ./model --connections 32
+      qtk pull org/model --verify          # re-hash what is cached, repair what is wrong
       HF_ENDPOINT=http://mirror:8080 qtk pull org/model --json
 
     Honours HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE (offline: report what is
@@ -147,7 +161,11 @@ def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_typ
     out = get_output()
     settings = Settings.from_env(hub_cache=cache_dir)
     plan = plan_pull(repo_id, revision=revision, include=include, exclude=exclude, local_dir=local_dir,
-                     repo_type=repo_type, settings=settings)
+                     repo_type=repo_type, settings=settings, verify=verify)
+    damaged = [p.file.path for p in plan.files if p.damaged]
+    if damaged and not out.json_mode:
+        out.warn(f"{len(damaged)} local file(s) do not match their hash and will be fetched again: "
+                 + ", ".join(damaged[:10]) + (" ..." if len(damaged) > 10 else ""))
     rev = f"@{revision}" if revision else ""
     summary = (
         f"{repo_id}{rev} -> commit {plan.commit[:12]}: {len(plan.files)} file(s), {human_bytes(plan.total_bytes)}; "
@@ -172,11 +190,12 @@ def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_typ
     elif plan.missing:
         out.info(summary)
     if out.interactive and plan.missing and not plan.offline:
-        already = sum(p.resumable for p in plan.missing)
-        with RichDownloadProgress(out.err, sum(p.file.size for p in plan.missing), already) as progress:
-            result = pull(plan, connections=connections, progress=progress)
+        already = sum(g[0].resumable for g in plan.missing_blobs.values())
+        total = sum(g[0].file.size for g in plan.missing_blobs.values())
+        with RichDownloadProgress(out.err, total, already) as progress:
+            result = pull(plan, connections=connections, progress=progress, lock_timeout=lock_timeout)
     else:
-        result = pull(plan, connections=connections)
+        result = pull(plan, connections=connections, lock_timeout=lock_timeout)
     stats = result.stats
     if out.json_mode:
         out.json(result.to_dict())

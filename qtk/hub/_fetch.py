@@ -7,7 +7,10 @@ Per file:
 * ``<part>.state.json`` records which chunks are complete (and how far in-flight chunks got),
   flushed about once a second after ``fdatasync``, so a re-run after ``kill -9``, Ctrl-C, a network
   failure or a reboot resumes from what was finished;
-* a lock file (``filelock``) keeps two processes off the same part file;
+* a per-file lock (:mod:`qtk.hub._lock`: ``flock``, or exclusive lock files with a heartbeat where
+  ``flock`` does not work) keeps two processes, also on two hosts, off the same part file; only the
+  holder writes the part file and its state. While waiting for another process's lock, the state of
+  what this process already downloads keeps being flushed;
 * a hasher thread reads complete chunks back in order while later chunks still download, so the
   sha256 (LFS) or git blob sha1 (small files) is ready when the last byte lands. A mismatch is
   re-fetched once from zero, then reported; a bad file is never handed to ``on_complete``.
@@ -35,10 +38,10 @@ from typing import Callable, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from filelock import FileLock, Timeout as FileLockTimeout
 
 from .. import errors
 from ._errors import HubContext, error_for_status
+from ._lock import Lock, Locker, LockWaitTimeout
 
 __all__ = ["new_hasher", "resumable_bytes", "FetchJob", "FetchStats", "Fetcher", "ProgressSink", "DEFAULT_CHUNK", "DEFAULT_CONNECTIONS"]
 
@@ -225,7 +228,7 @@ class _Stop(Exception):
 class _FileTask:
     job: FetchJob
     chunk: int
-    lock: FileLock
+    lock: Lock
     fd: int = -1
     chunks: list[tuple[int, int]] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
@@ -296,6 +299,8 @@ class Fetcher:
         self._tasks: list[_FileTask] = []
         self._pending_files = 0
         self._all_done = threading.Condition()
+        self._locker = Locker()
+        self._last_wait_flush = self._last_wait_sync = 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -312,7 +317,9 @@ class Fetcher:
             for job in jobs:
                 if not self._open(job, blocking=False):
                     waiting.append(job)
-            for job in waiting:  # held by another process: wait for it, then maybe skip
+            for job in waiting:  # held by another process: wait for it (flushing our own state), then maybe skip
+                if self._stop.is_set():
+                    break
                 self.progress.message(f"waiting for another process to finish {job.key} ...")
                 self._open(job, blocking=True)
             self._wait_until_done()
@@ -320,8 +327,11 @@ class Fetcher:
             self._stop.set()
             raise
         finally:
-            self._shutdown(workers, hasher)
-            self.stats.wall_s = time.monotonic() - t0
+            try:
+                self._shutdown(workers, hasher)
+            finally:
+                self._locker.close()
+                self.stats.wall_s = time.monotonic() - t0
         if self._error is not None:
             raise self._error
         return self.stats
@@ -330,17 +340,22 @@ class Fetcher:
 
     def _open(self, job: FetchJob, *, blocking: bool) -> bool:
         """Lock and prepare ``job``'s part file and queue its missing chunks. False if the lock is busy."""
-        job.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(job.lock_path), thread_local=False)  # released by the hasher thread
-        try:
-            lock.acquire(timeout=(self.lock_timeout if self.lock_timeout is not None else -1) if blocking else 0)
-        except FileLockTimeout:
-            if not blocking:
+        if not blocking:
+            lock = self._locker.try_acquire(job.lock_path)  # released by the hasher thread
+            if lock is None:
                 return False
-            raise errors.LockTimeoutError(
-                f"Another process has been downloading {job.key} for over {self.lock_timeout:.0f} s.",
-                hint=f"Wait for it to finish, or remove {job.lock_path} if no qtk process is running.",
-            ) from None
+        else:
+            try:
+                lock = self._locker.acquire(job.lock_path, timeout=self.lock_timeout, tick=self._tick_while_waiting)
+            except LockWaitTimeout as exc:
+                who = exc.holder or {}
+                held_by = f" (held by {who.get('host')} pid {who.get('pid')})" if who else ""
+                raise errors.LockTimeoutError(
+                    f"Another process has been downloading {job.key} for over {exc.waited:.0f} s{held_by}.",
+                    hint="Wait for it to finish, or raise --lock-timeout. What this process finished is kept.",
+                ) from None
+            if lock is None:  # the pull failed or was stopped while waiting
+                return True
         if job.is_done():
             lock.release()
             with self._stats_mu:
@@ -399,9 +414,22 @@ class Fetcher:
             if i not in task.done and 0 < v < e - s:
                 task.partial[i] = int(v)
 
+    def _tick_while_waiting(self) -> bool:
+        """Between tries for another process's lock: keep our own resume state current."""
+        now = time.monotonic()
+        if now - self._last_wait_flush >= STATE_FLUSH_S:
+            sync = now - self._last_wait_sync >= STATE_SYNC_S
+            for t in list(self._tasks):
+                self._flush_state(t, sync=sync)
+            self._last_wait_flush = now
+            self._last_wait_sync = now if sync else self._last_wait_sync
+        return not self._stop.is_set()
+
     def _flush_state(self, task: _FileTask, *, sync: bool = False) -> None:
         """Write the sidecar state. Without ``sync`` it survives kill -9 (the page cache does);
         with ``sync`` an fdatasync first makes the recorded progress survive a reboot too."""
+        if task.lock.lost:  # the state file belongs to the lock holder only
+            return
         with task.mu:
             if task.finished or task.fd < 0 or not (task.dirty or sync and task.durable is None):
                 return
@@ -666,11 +694,20 @@ class Fetcher:
             self._prepare(task, fresh=True)
             self._enqueue(task)
             return
+        if task.lock.lost:
+            self._discard(task, keep_files=True)
+            self._fail(errors.LockTimeoutError(
+                f"The lock on {job.key} was taken over by another process while this one was downloading it "
+                "(this process was silent for too long); nothing was placed.",
+                hint="Re-run `qtk pull`: it waits for the other process, then resumes.",
+            ))
+            return
         with task.mu:
             task.finished = True
+        os.fsync(task.fd)  # the verified bytes are on disk before the rename makes them the blob
         os.close(task.fd)
         task.fd = -1
-        job.on_complete(job.part_path)  # atomic move into place
+        job.on_complete(job.part_path)  # atomic move into place (the target fsyncs the directory)
         with contextlib.suppress(FileNotFoundError):
             task.state_path.unlink()
         task.lock.release()
@@ -726,12 +763,13 @@ class Fetcher:
                 if not stuck:  # a thread blocked in a read may still write to this fd
                     self._close(task)
 
-    def _discard(self, task: _FileTask) -> None:
-        """Drop a file that failed verification twice: nothing of it stays behind."""
+    def _discard(self, task: _FileTask, *, keep_files: bool = False) -> None:
+        """Drop a file that failed verification twice: nothing of it stays behind (``keep_files``:
+        leave the part file to the process that holds its lock now)."""
         with task.mu:
             task.finished = True
         self._close(task)
-        for p in (task.job.part_path, task.state_path):
+        for p in () if keep_files else (task.job.part_path, task.state_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -742,5 +780,4 @@ class Fetcher:
             with contextlib.suppress(OSError):
                 os.close(task.fd)
             task.fd = -1
-        with contextlib.suppress(Exception):
-            task.lock.release()
+        task.lock.release()

@@ -7,12 +7,17 @@
 
 Preflight resolves the revision to a commit sha (pinned for the whole pull), lists the files
 through huggingface_hub, applies the filters with huggingface_hub's own matcher (same semantics as
-``hf download``), refuses unsafe names, checks access with one HEAD and checks free disk space.
-Nothing is written until all of that passes.
+``hf download``), refuses unsafe names (revision, commit, oids and paths: :mod:`qtk.hub.names`),
+checks access with one HEAD and checks free disk space. Nothing is written until all of that passes.
+
+Files with identical content share one blob in the cache: they become one fetch job (one lock, one
+part file), and every path is linked to the blob when it is placed. A pull whose files are all
+present writes nothing, so it works on a read-only cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,7 +29,8 @@ from ..settings import Settings
 from ._errors import HubContext, map_hub_errors
 from ._fetch import DEFAULT_CHUNK, DEFAULT_CONNECTIONS, FetchJob, Fetcher, FetchStats, ProgressSink, resumable_bytes
 from .auth import get_token
-from .cache import CacheTarget, LocalDirTarget, RemoteFile, check_safe_path
+from .cache import DAMAGED, PRESENT, CacheTarget, LocalDirTarget, RemoteFile, not_writable
+from .names import check_commit_sha, check_oid, check_ref_name, check_repo_path
 
 __all__ = ["PlannedFile", "PullPlan", "PullResult", "plan_pull", "pull", "free_bytes", "human_bytes"]
 
@@ -59,6 +65,7 @@ class PlannedFile:
     resumable: int  # bytes an interrupted earlier run already finished
     part_exists: bool  # a preallocated part file already holds its disk space
     dest: Path
+    damaged: bool = False  # a local copy exists but its bytes do not match (torn write, tampering): re-fetched
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +74,7 @@ class PlannedFile:
             "lfs": self.file.lfs,
             "oid": self.file.oid,
             "present": self.present,
+            "damaged": self.damaged,
             "resumable_bytes": self.resumable,
             "dest": str(self.dest),
         }
@@ -101,13 +109,21 @@ class PullPlan:
         return [p for p in self.files if not p.present]
 
     @property
+    def missing_blobs(self) -> dict[Path, list[PlannedFile]]:
+        """Missing files grouped by their part file: identical content is fetched once."""
+        groups: dict[Path, list[PlannedFile]] = {}
+        for p in self.missing:
+            groups.setdefault(self.target.part_path(p.file), []).append(p)
+        return groups
+
+    @property
     def bytes_to_transfer(self) -> int:
-        return sum(p.file.size - p.resumable for p in self.missing)
+        return sum(g[0].file.size - g[0].resumable for g in self.missing_blobs.values())
 
     @property
     def disk_bytes_needed(self) -> int:
         # part files are preallocated to full size, so an existing one needs nothing more
-        return sum(p.file.size for p in self.missing if not p.part_exists)
+        return sum(g[0].file.size for g in self.missing_blobs.values() if not g[0].part_exists)
 
     def to_dict(self) -> dict:
         return {
@@ -178,10 +194,14 @@ def _target(settings: Settings, repo_id: str, repo_type: str, local_dir: Path | 
     return LocalDirTarget(local_dir) if local_dir is not None else CacheTarget(settings.hub_cache, repo_id, repo_type)
 
 
-def _planned(target, commit: str, files: list[RemoteFile], chunk_size: int) -> tuple[PlannedFile, ...]:
+def _planned(target, commit: str, files: list[RemoteFile], chunk_size: int, verify: bool = False) -> tuple[PlannedFile, ...]:
     out = []
+    seen: dict[str, str] = {}  # oid -> status: a blob shared by several paths is checked (hashed) once
     for f in files:
-        present = target.is_present(commit, f)
+        key = f.oid if isinstance(target, CacheTarget) else f.path
+        status = seen.get(key) or target.status(commit, f, verify=verify)
+        seen[key] = status
+        present = status == PRESENT
         part = target.part_path(f)
         out.append(
             PlannedFile(
@@ -190,9 +210,23 @@ def _planned(target, commit: str, files: list[RemoteFile], chunk_size: int) -> t
                 resumable=0 if present else resumable_bytes(part, f.size, f.digest, chunk_size),
                 part_exists=(not present) and part.exists() and part.stat().st_size == f.size,
                 dest=target.visible_path(commit, f),
+                damaged=status == DAMAGED,
             )
         )
     return tuple(out)
+
+
+def _check_names(files: list[RemoteFile]) -> None:
+    """Every server-supplied name that becomes a path, before anything touches the filesystem."""
+    for f in files:
+        check_repo_path(f.path)
+        check_oid(f.oid, what=f"oid of {f.path!r}")
+        if f.lfs != (len(f.oid) == 64) or not isinstance(f.size, int) or f.size < 0:
+            raise errors.UnsafePathError(
+                f"Refusing {f.path!r}: the listing gives it oid {f.oid!r} and size {f.size!r}, which do not fit "
+                f"({'an LFS file has a 64-hex sha256' if f.lfs else 'a regular file has a 40-hex git sha1'}).",
+                hint="Nothing was written. The endpoint is broken or hostile: report it.",
+            )
 
 
 def plan_pull(
@@ -206,13 +240,17 @@ def plan_pull(
     settings: Settings | None = None,
     check_access: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
+    verify: bool = False,
 ) -> PullPlan:
-    """Preflight a pull: everything but moving file bytes. Raises a qtk error on any problem."""
+    """Preflight a pull: everything but moving file bytes. Raises a qtk error on any problem.
+    ``verify`` re-hashes what the cache already holds (damaged files are then re-fetched)."""
     settings = settings or Settings.from_env()
     _validate_repo_id(repo_id, repo_type)
+    if revision is not None:
+        check_ref_name(revision, what="--revision")
     target = _target(settings, repo_id, repo_type, Path(local_dir) if local_dir is not None else None)
     if settings.offline:
-        return _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size)
+        return _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size, verify)
 
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
@@ -226,6 +264,7 @@ def plan_pull(
         commit = info.sha
         if not commit:
             raise errors.RevisionNotFoundError(f"{settings.endpoint} did not return a commit for {repo_id}@{revision}.")
+        check_commit_sha(commit, what=f"commit sha {settings.endpoint} gave for {repo_id}@{revision or 'main'}")
         entries = api.list_repo_tree(
             repo_id, recursive=True, expand=False, revision=commit, repo_type=repo_type, token=tok or False
         )
@@ -237,8 +276,7 @@ def plan_pull(
     selected = _select(files, include, exclude)
     if not selected:
         raise _nothing_matched(repo_id, include, exclude, (f.path for f in files))
-    for f in selected:
-        check_safe_path(f.path)
+    _check_names(selected)
     if check_access:
         _check_access(settings, repo_id, repo_type, commit, selected[0], tok)
     return PullPlan(
@@ -248,7 +286,7 @@ def plan_pull(
         commit=commit,
         endpoint=settings.endpoint,
         target=target,
-        files=_planned(target, commit, selected, chunk_size),
+        files=_planned(target, commit, selected, chunk_size, verify),
         token=tok,
     )
 
@@ -269,7 +307,7 @@ def _check_access(settings: Settings, repo_id, repo_type, commit, f: RemoteFile,
         get_hf_file_metadata(url, token=tok or False, endpoint=settings.endpoint)
 
 
-def _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size) -> PullPlan:
+def _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size, verify) -> PullPlan:
     if not isinstance(target, CacheTarget):
         raise errors.LocalNotFoundError(
             "HF_HUB_OFFLINE is set and --local-dir has no record of the remote revision.",
@@ -296,7 +334,7 @@ def _plan_offline(settings, target, repo_id, repo_type, revision, include, exclu
         commit=commit,
         endpoint=settings.endpoint,
         target=target,
-        files=_planned(target, commit, selected, chunk_size),
+        files=_planned(target, commit, selected, chunk_size, verify),
         offline=True,
     )
 
@@ -325,25 +363,36 @@ def pull(
     lock_timeout: float | None = None,
 ) -> PullResult:
     """Download what ``plan`` says is missing, verify it, and move it into place atomically."""
-    if plan.offline or not plan.missing:
-        plan.target.finalize(plan.revision, plan.commit, [p.file for p in plan.files])
+    files = [p.file for p in plan.files]
+    if plan.offline and plan.missing:
+        bad = [p.file.path for p in plan.missing]
+        raise errors.IntegrityError(
+            f"HF_HUB_OFFLINE is set and {len(bad)} cached file(s) of {plan.repo_id} do not match their hash: "
+            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}.",
+            hint="Go online and re-run `qtk pull` (it re-fetches exactly those files).",
+        )
+    if not plan.missing:
+        with _writable(plan):
+            plan.target.finalize(plan.revision, plan.commit, files)
         return PullResult(plan, FetchStats())
     check_disk(plan)
     target, commit = plan.target, plan.commit
     jobs = []
-    for p in plan.missing:
-        f = p.file
+    for part, group in plan.missing_blobs.items():
+        f = group[0].file
+        same = [p.file for p in group]
         jobs.append(
             FetchJob(
                 key=f.path,
                 url=_resolve_url(plan.endpoint, plan.repo_id, plan.repo_type, commit, f.path),
                 size=f.size,
                 digest=f.digest,
-                part_path=target.part_path(f),
+                part_path=part,
                 lock_path=target.lock_path(f),
                 ctx=HubContext(plan.endpoint, plan.repo_id, commit, filename=f.path, has_token=plan.token is not None),
-                on_complete=lambda part, f=f: target.place(commit, f, part),
-                is_done=lambda f=f: target.is_present(commit, f),
+                on_complete=lambda part, same=same: target.place(commit, same, part),
+                # a copy found damaged is re-hashed (its verified record may vouch for the old bytes)
+                is_done=lambda f=f, v=group[0].damaged: target.is_present(commit, f, verify=v),
             )
         )
     fetcher = Fetcher(
@@ -355,6 +404,23 @@ def pull(
         user_agent=f"qtk/{__version__}; pid/{os.getpid()}",
         lock_timeout=lock_timeout,
     )
-    stats = fetcher.fetch_all(jobs)
-    target.finalize(plan.revision, commit, [p.file for p in plan.files])
+    with _writable(plan):
+        stats = fetcher.fetch_all(jobs)
+        target.finalize(plan.revision, commit, files)
     return PullResult(plan, stats)
+
+
+def _destination(plan: PullPlan) -> Path:
+    return plan.target.hub_cache if isinstance(plan.target, CacheTarget) else plan.target.local_dir
+
+
+@contextlib.contextmanager
+def _writable(plan: PullPlan):
+    """A read-only or foreign-owned destination is NotWritableError (exit 41), not an unexpected OSError."""
+    try:
+        yield
+    except OSError as exc:
+        err = not_writable(exc, _destination(plan))
+        if err is None:
+            raise
+        raise err from exc
