@@ -197,10 +197,10 @@ class _Seen:
 class Locker:
     """Takes and holds locks for one pull; ``close()`` stops the heartbeat (held locks are released)."""
 
-    def __init__(self, *, stale_after: float = STALE_AFTER_S, heartbeat: float = HEARTBEAT_S,
+    def __init__(self, *, stale_after: float | None = None, heartbeat: float | None = None,
                  notify: Callable[[str], None] | None = None) -> None:
-        self.stale_after = stale_after
-        self.heartbeat = heartbeat
+        self.stale_after = STALE_AFTER_S if stale_after is None else stale_after
+        self.heartbeat = HEARTBEAT_S if heartbeat is None else heartbeat
         self.notify = notify or _announce
         self.host = socket.gethostname()
         self._held: list[Lock] = []
@@ -276,7 +276,7 @@ class Locker:
 
     # ---------------------------------------------------------- exclusive file
 
-    def _try_exclusive(self, base: Path) -> Lock | None:
+    def _try_exclusive(self, base: Path, *, may_break: bool = True) -> Lock | None:
         path = Path(str(base) + EXCL_SUFFIX)
         token = secrets.token_hex(12)
         info = {"host": self.host, "pid": os.getpid(), "start": _proc_start(os.getpid()), "id": token,
@@ -284,7 +284,8 @@ class Locker:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            self._maybe_break(path)
+            if may_break and self._maybe_break(path):
+                return self._try_exclusive(base, may_break=False)
             return None
         try:
             os.write(fd, json.dumps(info).encode())
@@ -301,11 +302,12 @@ class Locker:
                 self._beat.start()
         return lock
 
-    def _maybe_break(self, path: Path) -> None:
+    def _maybe_break(self, path: Path) -> bool:
+        """Break the lock file if its holder is gone; True if it was removed (by us or just before)."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return
+            return True
         info = holder_info(path) or {}
         seen = self._seen.setdefault(path, _Seen())
         key = (st.st_ino, st.st_mtime_ns, info.get("id"))
@@ -319,11 +321,13 @@ class Locker:
         elif now - seen.since >= self.stale_after:
             reason = f"its heartbeat has not moved for {now - seen.since:.0f} s"
         if reason is None:
-            return
-        if self._break(path, info.get("id"), st.st_ino):
-            who = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
-            self.notify(f"took over the stale lock {path} (held by {who}): {reason}.")
+            return False
         self._seen.pop(path, None)
+        if not self._break(path, info.get("id"), st.st_ino):
+            return False
+        who = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
+        self.notify(f"took over the stale lock {path} (held by {who}): {reason}.")
+        return True
 
     @staticmethod
     def _break(path: Path, token: str | None, ino: int) -> bool:
