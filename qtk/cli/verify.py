@@ -76,7 +76,7 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
                          device=device, threads=threads)
     if str(json_file) == "-":
         out.quiet = True  # stdout carries the JSON; the terminal gets nothing else but errors
-    with backend_session(out, "verify", Path(reference).name, verbose=verbose) as progress:
+    with backend_session(out, "verify", render.short_name(reference), verbose=verbose) as progress:
         report = verify(reference, list(candidates), opts, gguf_file=gguf_file, log=out.info, progress=progress)
         failures = check_gates(report, Gates(max_ppl_increase, max_kld, min_top1, require_smoke))
         report["gates"] = {"max_ppl_increase_pct": max_ppl_increase, "max_kld": max_kld, "min_top1_pct": min_top1,
