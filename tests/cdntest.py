@@ -156,10 +156,13 @@ class EndpointHandler(FaultyHandler):
         srv = self.server
         if keyword.lower() == "location" and srv.signer is not None and value.startswith(srv.lfs_redirect_base or "\0"):
             value = srv.signer.sign(value)
-        elif keyword.lower() == "link" and srv.endpoint_faults.tree_self_link:
-            host = self.headers.get("Host") or "%s:%d" % srv.server_address[:2]
-            value = f'<http://{host}{self.path}>; rel="next"'
         super().send_header(keyword, value)
+
+    def _send_json(self, obj, extra_headers=None):
+        if self.server.endpoint_faults.tree_self_link and route_of(self.path) == "tree":
+            host = self.headers.get("Host") or "%s:%d" % self.server.server_address[:2]
+            extra_headers = {**(extra_headers or {}), "Link": f'<http://{host}{self.path}>; rel="next"'}
+        super()._send_json(obj, extra_headers)
 
 
 # -------------------------------------------------------------------------------------------- CDN

@@ -26,7 +26,9 @@ from typing import Iterable, Sequence
 
 from .. import __version__, errors
 from ..settings import Settings
-from ._errors import HubContext, map_hub_errors
+from ._errors import HubContext, map_hub_errors, public_url
+from ._metadata import check_file_access, list_repo_files, repo_commit
+from ._retry import RetryPolicy
 from ._fetch import DEFAULT_CHUNK, DEFAULT_CONNECTIONS, FetchJob, Fetcher, FetchStats, ProgressSink, resumable_bytes
 from .auth import get_token
 from .cache import DAMAGED, PRESENT, CacheTarget, LocalDirTarget, RemoteFile, not_writable
@@ -131,7 +133,7 @@ class PullPlan:
             "repo_type": self.repo_type,
             "revision": self.revision,
             "commit": self.commit,
-            "endpoint": self.endpoint,
+            "endpoint": public_url(self.endpoint),  # never user:password@
             "target": self.target.kind,
             "path": str(self.root),
             "offline": self.offline,
@@ -241,6 +243,7 @@ def plan_pull(
     check_access: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
     verify: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> PullPlan:
     """Preflight a pull: everything but moving file bytes. Raises a qtk error on any problem.
     ``verify`` re-hashes what the cache already holds (damaged files are then re-fetched)."""
@@ -253,32 +256,23 @@ def plan_pull(
         return _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size, verify)
 
     from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
 
     token = get_token(settings)
     tok = token.value if token else None
     ctx = HubContext(settings.endpoint, repo_id, revision or "main", has_token=tok is not None)
     api = HfApi(endpoint=settings.endpoint, library_name="qtk", library_version=__version__)
+    policy = retry or RetryPolicy.from_env()  # every metadata request: timeouts, retries, Retry-After (capped)
     with map_hub_errors(ctx):
-        info = api.repo_info(repo_id, repo_type=repo_type, revision=revision, token=tok or False)
-        commit = info.sha
-        if not commit:
-            raise errors.RevisionNotFoundError(f"{settings.endpoint} did not return a commit for {repo_id}@{revision}.")
-        check_commit_sha(commit, what=f"commit sha {settings.endpoint} gave for {repo_id}@{revision or 'main'}")
-        entries = api.list_repo_tree(
-            repo_id, recursive=True, expand=False, revision=commit, repo_type=repo_type, token=tok or False
-        )
-        files = [
-            RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else e.blob_id, lfs=e.lfs is not None)
-            for e in entries
-            if isinstance(e, RepoFile)
-        ]
+        commit = repo_commit(api, repo_id, repo_type, revision, tok, policy, ctx)
+        check_commit_sha(commit, what=f"commit sha {ctx.shown_endpoint} gave for {repo_id}@{revision or 'main'}")
+        entries = list_repo_files(settings.endpoint, repo_id, repo_type, commit, tok, policy, ctx)
+        files = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else e.blob_id, lfs=e.lfs is not None) for e in entries]
     selected = _select(files, include, exclude)
     if not selected:
         raise _nothing_matched(repo_id, include, exclude, (f.path for f in files))
     _check_names(selected)
     if check_access:
-        _check_access(settings, repo_id, repo_type, commit, selected[0], tok)
+        _check_access(settings, repo_id, repo_type, commit, selected[0], tok, policy)
     return PullPlan(
         repo_id=repo_id,
         repo_type=repo_type,
@@ -297,14 +291,13 @@ def _resolve_url(endpoint: str, repo_id: str, repo_type: str, commit: str, path:
     return hf_hub_url(repo_id, path, repo_type=repo_type, revision=commit, endpoint=endpoint)
 
 
-def _check_access(settings: Settings, repo_id, repo_type, commit, f: RemoteFile, tok: str | None) -> None:
+def _check_access(settings: Settings, repo_id, repo_type, commit, f: RemoteFile, tok: str | None,
+                  policy: RetryPolicy) -> None:
     """One HEAD on a file: gated repos list publicly but refuse downloads without access."""
-    from huggingface_hub import get_hf_file_metadata
-
     url = _resolve_url(settings.endpoint, repo_id, repo_type, commit, f.path)
     ctx = HubContext(settings.endpoint, repo_id, commit, filename=f.path, has_token=tok is not None)
     with map_hub_errors(ctx):
-        get_hf_file_metadata(url, token=tok or False, endpoint=settings.endpoint)
+        check_file_access(url, settings.endpoint, tok, policy, ctx)
 
 
 def _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size, verify) -> PullPlan:
@@ -358,9 +351,10 @@ def pull(
     plan: PullPlan,
     *,
     connections: int = DEFAULT_CONNECTIONS,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,  # None: sized per file from its size and the connections
     progress: ProgressSink | None = None,
     lock_timeout: float | None = None,
+    retry: RetryPolicy | None = None,
 ) -> PullResult:
     """Download what ``plan`` says is missing, verify it, and move it into place atomically."""
     files = [p.file for p in plan.files]
@@ -403,6 +397,7 @@ def pull(
         progress=progress,
         user_agent=f"qtk/{__version__}; pid/{os.getpid()}",
         lock_timeout=lock_timeout,
+        policy=retry,
     )
     with _writable(plan):
         stats = fetcher.fetch_all(jobs)
