@@ -38,7 +38,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not text:
         return None
     if text.isascii() and text.isdigit():
-        return float(int(text))
+        return float(int(text)) if len(text) <= 12 else 1e12  # absurd values stay finite: the cap decides
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
