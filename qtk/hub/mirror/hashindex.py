@@ -59,9 +59,12 @@ def hash_file(fd: int, size: int, *, sha1: bool, progress: Callable[[int], None]
 
 
 def default_index_dir(root: Path) -> Path:
-    """``ROOT/.qtk-serve`` if it can be written, else ``$XDG_CACHE_HOME/qtk/serve/<hash of ROOT>``."""
+    """``ROOT/.qtk-serve`` if it can be written, else ``$XDG_CACHE_HOME/qtk/serve/<hash of ROOT>``. An HF cache
+    (``models--*`` folders) is left untouched: huggingface_hub's cache scan would report a foreign folder."""
     own = root / ".qtk-serve"
     try:
+        if any(p.name.startswith(("models--", "datasets--", "spaces--")) for p in root.iterdir()):
+            raise OSError("an HF cache: keep it clean")
         own.mkdir(exist_ok=True)
         probe = own / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
@@ -91,6 +94,8 @@ class HashIndex:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            for row in self._db.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, sha256, sha1 FROM hashes"):
+                self._mem[tuple(row[:5])] = (row[5], row[6])  # one read at start, no query per file later
 
     def close(self) -> None:
         with self._mu:
@@ -100,20 +105,11 @@ class HashIndex:
 
     def __len__(self) -> int:
         with self._mu:
-            if self._db is None:
-                return len(self._mem)
-            return self._db.execute("SELECT COUNT(*) FROM hashes").fetchone()[0]
+            return len(self._mem)
 
     def get(self, key: FileKey) -> tuple[str, str | None] | None:
         with self._mu:
-            hit = self._mem.get(key)
-            if hit is None and self._db is not None:
-                row = self._db.execute(
-                    "SELECT sha256, sha1 FROM hashes WHERE dev=? AND ino=? AND size=? AND mtime_ns=? AND ctime_ns=?",
-                    key).fetchone()
-                if row:
-                    hit = self._mem[key] = (row[0], row[1])
-            return hit
+            return self._mem.get(key)
 
     def put(self, key: FileKey, sha256: str, sha1: str | None) -> None:
         with self._mu:

@@ -5,7 +5,8 @@ What it guarantees to the routes (everything else is refused with :class:`Reject
 * the raw target is origin-form (``/...``), printable ASCII, at most ``MAX_TARGET`` characters;
 * each ``/``-separated segment is percent-decoded exactly once, as strict UTF-8 (``%252e`` stays the
   literal ``%2e``: nothing is ever decoded twice);
-* no decoded segment holds NUL, another control character or a backslash;
+* no decoded segment holds NUL, another control character or a backslash, and none is empty, ``.`` or
+  ``..`` (one trailing ``/`` is allowed on API routes);
 * route words (``api``, ``models``, ``resolve``, ``tree`` ...) match exactly;
 * the repo id is two segments, ``namespace/name``, each by the Hub's rules (:func:`qtk.hub.names.is_repo_id`),
   so an encoded ``/`` (``%2F``), ``.``, ``..``, ``--`` or an empty part can never be part of it;

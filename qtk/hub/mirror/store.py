@@ -24,8 +24,8 @@ Safety rules (the request parser has already refused malformed names; the store 
 Hashes come from :class:`~qtk.hub.mirror.hashindex.HashIndex` (persistent, keyed on the real file's
 dev/inode/size/mtime/ctime); in the cache layout the blob name already is the hash. Listings are cached
 and revalidated at most every ``listing_ttl`` seconds by ``stat`` (directories and files, no hashing
-unless something changed); a resolve re-checks its one file, so a changed file is never served with an
-old hash.
+unless something changed; repos with more than ``BACKGROUND_REVALIDATE`` paths off the request path); a
+resolve re-checks its one file, so a changed file is never served with an old hash.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..names import is_commit_sha, is_ref_name, is_repo_id, is_repo_path
+from ..names import REPO_PATH_MAX, is_commit_sha, is_ref_name, is_repo_id, is_repo_path
 from .hashindex import FileKey, HashIndex, file_key
 
 __all__ = ["MirrorStore", "RepoEntry", "RepoRevision", "StoredFile", "LFS_MIN_SIZE", "git_blob_sha1",
@@ -56,12 +56,14 @@ _LFS_SUFFIXES = {
 }
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-+=,@~][A-Za-z0-9_.\-+=,@~ ]*")  # no check beyond this needed
 RESERVED_NAMESPACES = {"api", "datasets", "models", "spaces"}  # route words on the Hub, never model namespaces
 PROVISION_DIR = ".qtk-provision"
+BACKGROUND_REVALIDATE = 2000  # listings watching more paths than this are re-stat'ed off the request path
 
 
 def is_lfs_name(path: str, size: int) -> bool:
-    return size >= LFS_MIN_SIZE or Path(path).suffix.lower() in _LFS_SUFFIXES
+    return size >= LFS_MIN_SIZE or os.path.splitext(path)[1].lower() in _LFS_SUFFIXES
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -79,7 +81,7 @@ def _inside(real: str, root: str) -> bool:
 @dataclass(frozen=True)
 class StoredFile:
     path: str  # in the repo, posix
-    abspath: Path  # the real path (symlinks resolved), inside the repo's real directory
+    abspath: str  # the real path (symlinks resolved), inside the repo's real directory
     size: int
     lfs: bool
     sha256: str | None  # LFS files
@@ -146,13 +148,13 @@ class MirrorStore:
         self.listing_ttl, self.catalog_ttl = listing_ttl, catalog_ttl
         self._excluded: set[tuple[int, int]] = set()
         self._mu = threading.Lock()
-        for p in exclude:
-            self.exclude_file(p)
         self._catalog: dict[tuple[str, str], RepoEntry | None] = {}
         self._catalog_at = -1e9
         self._listings: dict[str, _Listing] = {}
         self._building: dict[str, threading.Lock] = {}
         self._warned: set[str] = set()
+        for p in exclude:
+            self.exclude_file(p)
 
     def exclude_file(self, path: str | Path) -> None:
         """Never list or serve this file (the access file), under any name or link."""
@@ -318,7 +320,7 @@ class MirrorStore:
     # -- listings -----------------------------------------------------------------------------------
 
     def _listing(self, entry: RepoEntry, top: str, *, allowed: str | None = None,
-                 commit: str | None = None) -> RepoRevision | None:
+                 commit: str | None = None, walked=None) -> RepoRevision | None:
         cache_key = f"{entry.repo_type}\0{entry.repo_id}\0{top}"
         now = time.monotonic()
         with self._mu:
@@ -326,19 +328,43 @@ class MirrorStore:
             lock = self._building.setdefault(cache_key, threading.Lock())
         if cur is not None and now - cur.checked < self.listing_ttl:
             return cur.rev
-        with lock:  # one build per listing at a time; the others wait and reuse it
-            with self._mu:
-                cur = self._listings.get(cache_key)
-            if cur is not None and (time.monotonic() - cur.checked < self.listing_ttl or _unchanged(cur.watched)):
-                cur.checked = time.monotonic()
+        invalidated = cur is not None and "" in cur.watched
+        if cur is not None and not invalidated:
+            if not lock.acquire(blocking=False):
+                return cur.rev  # another thread is revalidating it; a resolve still checks its own file
+            if len(cur.watched) > BACKGROUND_REVALIDATE:  # big repo: stat it off the request path
+                threading.Thread(target=self._refresh_in_background, name="qtk-mirror-revalidate", daemon=True,
+                                 args=(lock, cache_key, entry, top, allowed, commit)).start()
                 return cur.rev
-            built = self._build(entry, top, allowed or top, commit)
-            with self._mu:
-                if built is None:
-                    self._listings.pop(cache_key, None)
-                else:
-                    self._listings[cache_key] = built
-            return built.rev if built else None
+        else:
+            lock.acquire()  # one build per listing at a time; the others wait and reuse it
+        try:
+            return self._refresh(cache_key, entry, top, allowed, commit, walked)
+        finally:
+            lock.release()
+
+    def _refresh_in_background(self, lock, *args) -> None:
+        try:
+            self._refresh(*args)
+        except Exception:  # noqa: BLE001 - the next request tries again
+            log.exception("revalidating a listing failed")
+        finally:
+            lock.release()
+
+    def _refresh(self, cache_key: str, entry: RepoEntry, top: str, allowed: str | None, commit: str | None,
+                 walked=None) -> RepoRevision | None:
+        with self._mu:
+            cur = self._listings.get(cache_key)
+        if cur is not None and (time.monotonic() - cur.checked < self.listing_ttl or _unchanged(cur.watched)):
+            cur.checked = time.monotonic()
+            return cur.rev
+        built = self._build(entry, top, allowed or top, commit, walked)
+        with self._mu:
+            if built is None:
+                self._listings.pop(cache_key, None)
+            else:
+                self._listings[cache_key] = built
+        return built.rev if built else None
 
     def invalidate(self, snap: RepoRevision | None = None) -> None:
         """Forget cached listings (of one repo, or all): the next request re-stats and re-lists."""
@@ -348,8 +374,8 @@ class MirrorStore:
                     v.checked = -1e9
                     v.watched = {"": -1}
 
-    def _build(self, entry: RepoEntry, top: str, allowed: str, commit: str | None) -> _Listing | None:
-        walked = self.walk(entry, top, allowed)
+    def _build(self, entry: RepoEntry, top: str, allowed: str, commit: str | None, walked=None) -> _Listing | None:
+        walked = walked or self.walk(entry, top, allowed)
         if walked is None:
             return None
         found, watched = walked
@@ -405,7 +431,7 @@ class MirrorStore:
         except UnicodeEncodeError:
             self.warn_once(f"{label}: skipping {rel_dir or '.'}/<a name that is not UTF-8>.")
             return
-        if not is_repo_path(rel) or "\\" in name:
+        if len(rel) > REPO_PATH_MAX or not (_PLAIN_NAME.fullmatch(name) or is_repo_path(name)):
             self.warn_once(f"{label}: skipping {rel!r}: not a valid repo path.")
             return
         try:
@@ -435,10 +461,10 @@ class MirrorStore:
         blob = os.path.basename(real)
         if trust_blob and os.path.dirname(real) == blobs:
             if _SHA256_RE.match(blob):
-                return StoredFile(rel, Path(real), st.st_size, True, blob,
+                return StoredFile(rel, real, st.st_size, True, blob,
                                   git_blob_sha1(lfs_pointer(blob, st.st_size)), key, st.st_mtime)
             if _SHA1_RE.match(blob):
-                return StoredFile(rel, Path(real), st.st_size, False, None, blob, key, st.st_mtime)
+                return StoredFile(rel, real, st.st_size, False, None, blob, key, st.st_mtime)
         lfs = is_lfs_name(rel, st.st_size)
         try:
             sha256, sha1 = self.index.hashes(real, key, need_sha1=not lfs, progress=progress)
@@ -446,9 +472,9 @@ class MirrorStore:
             self.warn_once(f"skipping {real}: cannot hash it ({exc}).")
             return None
         if lfs:
-            return StoredFile(rel, Path(real), st.st_size, True, sha256, git_blob_sha1(lfs_pointer(sha256, st.st_size)),
+            return StoredFile(rel, real, st.st_size, True, sha256, git_blob_sha1(lfs_pointer(sha256, st.st_size)),
                               key, st.st_mtime)
-        return StoredFile(rel, Path(real), st.st_size, False, None, sha1 or "", key, st.st_mtime)
+        return StoredFile(rel, real, st.st_size, False, None, sha1 or "", key, st.st_mtime)
 
     def current(self, f: StoredFile) -> bool:
         """Is ``f`` still exactly the file that was listed (same inode, size, mtime and ctime)?"""
@@ -469,8 +495,8 @@ class MirrorStore:
         for entry in (e for e in self.catalog().values() if e is not None):
             stats.repos += 1
             for top, allowed in self._tops(entry):
-                tops.append((entry, top, allowed))
                 walked = self.walk(entry, top, allowed)
+                tops.append((entry, top, allowed, walked))
                 for rel, (real, st) in (walked[0].items() if walked else ()):
                     stats.files += 1
                     trusted = entry.layout == "cache" and os.path.dirname(real) == os.path.join(allowed, "blobs") \
@@ -490,12 +516,9 @@ class MirrorStore:
             except OSError as exc:
                 stats.skipped += 1
                 self.warn_once(f"skipping {real}: cannot hash it ({exc}).")
-        for entry, top, allowed in tops:
-            if entry.layout == "cache":
-                commit = os.path.basename(top)
-                self._listing(entry, top, allowed=allowed, commit=commit)
-            else:
-                self._listing(entry, top)
+        for entry, top, allowed, walked in tops:
+            commit = os.path.basename(top) if entry.layout == "cache" else None
+            self._listing(entry, top, allowed=allowed, commit=commit, walked=walked)
         return stats
 
     def _tops(self, entry: RepoEntry) -> list[tuple[str, str]]:
