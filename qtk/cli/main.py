@@ -72,13 +72,14 @@ def exit_codes() -> None:
 
 
 def _register() -> None:
-    from . import chat, hub, plan, provision, quantize, verify
+    from . import cache, chat, hub, plan, provision, quantize, verify
 
     cli.add_command(hub.login)
     cli.add_command(hub.whoami)
     cli.add_command(hub.logout)
     cli.add_command(hub.pull_cmd)
     cli.add_command(hub.serve)
+    cli.add_command(cache.cache_group)
     cli.add_command(plan.plan_cmd)
     cli.add_command(quantize.quantize_cmd)
     cli.add_command(quantize.calibration)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Lock", "Locker", "LockWaitTimeout", "lock_mode", "holder_info", "FLOCK", "EXCLUSIVE_FILE", "EXCL_SUFFIX"]
+__all__ = ["Lock", "Locker", "LockWaitTimeout", "lock_mode", "holder_info", "is_locked", "FLOCK", "EXCLUSIVE_FILE", "EXCL_SUFFIX"]
 
 FLOCK = "flock"
 EXCLUSIVE_FILE = "exclusive-file"
@@ -139,6 +139,29 @@ def _pid_alive(pid: int, start: str | None) -> bool:
         return True
     now = _proc_start(pid)
     return start is None or now is None or now == start
+
+
+def is_locked(base: Path) -> bool:
+    """Whether a process holds the lock ``base`` (either kind) right now. Creates nothing (read-only caches)."""
+    excl = Path(str(base) + EXCL_SUFFIX)
+    if excl.exists():
+        info = holder_info(excl) or {}
+        pid = info.get("pid")
+        same_host = info.get("host") == socket.gethostname()
+        return not (same_host and isinstance(pid, int) and not _pid_alive(pid, info.get("start")))
+    try:
+        fd = os.open(base, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # flock does not work here: only exclusive lock files count
+        return False
+    finally:
+        os.close(fd)  # also drops the shared lock
 
 
 def holder_info(path: Path) -> dict | None:
