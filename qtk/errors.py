@@ -18,7 +18,7 @@ matching built-in, so callers may catch ``FileNotFoundError`` or the precise qtk
     │   │   └── NothingMatchedError            exit 16  --include/--exclude matched no file
     │   ├── LocalNotFoundError (FileNotFoundError)  exit 17  offline and not in the cache
     │   ├── IntegrityError                     exit 20  hash/size mismatch after re-fetch
-    │   ├── UnsafePathError (ValueError)       exit 21  remote path with '..' or absolute
+    │   ├── UnsafePathError (ValueError)       exit 21  a name that would become a path is malformed
     │   ├── LockTimeoutError (TimeoutError)    exit 22  another process holds the file lock
     │   └── NetworkError (ConnectionError)     exit 30  endpoint unreachable, retries exhausted
     ├── QuantizeError                          exit 50
@@ -215,13 +215,13 @@ class IntegrityError(HubError):
 
 
 class UnsafePathError(HubError, ValueError):
-    """A remote file name is absolute or contains '..'."""
+    """A name from the server or the command line (path, oid, commit, revision) is malformed or would leave the cache."""
 
     exit_code = 21
 
 
 class LockTimeoutError(HubError, TimeoutError):
-    """Another process holds a lock on the file for too long."""
+    """Another process held the file lock past --lock-timeout, or took over this process's lock."""
 
     exit_code = 22
 
