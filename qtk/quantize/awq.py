@@ -3,12 +3,25 @@
 qtk's default is the zero-point (asymmetric) GEMM format that AutoAWQ produced and vLLM users know
 (``zero_point: true, version: gemm``); GPTQModel's own default is symmetric. ``--sym`` switches.
 On CPU the torch packing backend is used, since GPTQModel's default picks a CUDA kernel.
+
+Speed: GPTQModel 7.6's clip search materializes a [256 x 512 x in_features] product per grid step
+and dominated AWQ's time (> 10 min for SmolLM2-135M on 2 CPU cores). qtk runs the same search as a
+batched matrix product (:mod:`qtk.quantize._awq_clip`), version-guarded, and records which search ran
+in the provenance (``method_details.awq_clip_search``). The scale search (20 forward passes of each
+scaled block over all calibration tokens) then dominates; it runs on micro-batches of several
+samples instead of one at a time (:func:`~qtk.quantize.gptq.forward_batch`: same outputs, byte for
+byte, measured on SmolLM2). ``QTK_AWQ_SEARCH=stock`` runs GPTQModel's own path (stock clip search, one
+sample per forward) for comparisons.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
+from ._awq_clip import fast_clip_search
 from .base import Method, QuantizeOptions, RunContext
-from .gptq import calibration_rows, gptqmodel_logs_elsewhere, prepare_gptqmodel_env, seed_everything
+from .gptq import calibration_rows, forward_batch, gptqmodel_logs_elsewhere, prepare_gptqmodel_env, seed_everything
 
 __all__ = ["AWQ"]
 
@@ -26,7 +39,7 @@ class AWQ(Method):
         return {"quant_method": "awq", "bits": options.bits, "group_size": options.group_size,
                 "zero_point": not self.sym(options), "version": "gemm"}
 
-    def run(self, ctx: RunContext) -> None:
+    def run(self, ctx: RunContext) -> dict:
         prepare_gptqmodel_env()
         from gptqmodel import BACKEND, AWQConfig, GPTQModel
 
@@ -35,6 +48,13 @@ class AWQ(Method):
         seed_everything(o.seed)
         model = GPTQModel.load(str(ctx.model.path), cfg, device=ctx.device)
         backend = BACKEND.AWQ_TORCH if ctx.device == "cpu" else BACKEND.AUTO
-        with gptqmodel_logs_elsewhere():
-            model.quantize(calibration_rows(ctx), batch_size=1, backend=backend)
+        notes: list[str] = []
+        stock = os.environ.get("QTK_AWQ_SEARCH", "") == "stock"
+        batch = 1 if stock else forward_batch(ctx)
+        with gptqmodel_logs_elsewhere(), fast_clip_search(not stock, warn=notes.append) as clip_search:
+            for note in notes:
+                logging.getLogger("qtk").warning(note)
+            model.quantize(calibration_rows(ctx), batch_size=batch, backend=backend)
         model.save(str(ctx.out))
+        return {"awq_clip_search": clip_search, "forward_batch": batch,
+                **({"awq_clip_search_note": notes[0]} if notes else {})}

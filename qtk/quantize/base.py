@@ -50,6 +50,8 @@ class RunContext:
     samples: Samples | None
     device: str  # resolved: "cuda" or "cpu"
     out: Path  # a temporary directory; the pipeline renames it into place
+    # survives an interrupted run (same -o), removed after success: a method's resume checkpoint
+    work_dir: Path | None = None
 
 
 class Method(ABC):
@@ -106,8 +108,9 @@ class Method(ABC):
         """The standard ``quantization_config`` the output must carry (checked after the run)."""
 
     @abstractmethod
-    def run(self, ctx: RunContext) -> None:
-        """Quantize ``ctx.model`` and write the checkpoint (weights + config.json) into ``ctx.out``."""
+    def run(self, ctx: RunContext) -> dict | None:
+        """Quantize ``ctx.model`` and write the checkpoint (weights + config.json) into ``ctx.out``.
+        May return details of how it ran (backend paths chosen, resume): provenance ``method_details``."""
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description, "bits": list(self.bits),

@@ -54,6 +54,17 @@ def gptqmodel_logs_elsewhere() -> Iterator[None]:
             loop_processor._PROJECT_LOG_DIR = saved
 
 
+def forward_batch(ctx: RunContext, tokens_per_forward: int = 8192) -> int:
+    """Calibration samples per forward pass in GPTQModel's loops (its ``batch_size``).
+
+    qtk's samples all have the same length, so batching needs no padding and changes no result (AWQ's
+    output on SmolLM2 is byte-identical for 1, 4 and 16); it only turns one-sample matrix products into
+    bigger, faster ones. ~8k tokens per forward keeps the activations of even Llama-70B's MLP
+    (8k x 28672 x 2 bytes = 470 MB per tensor) small next to a layer's weights."""
+    n = len(ctx.samples.input_ids) if ctx.samples is not None else 1
+    return max(1, min(n, tokens_per_forward // max(ctx.options.seq_len, 1)))
+
+
 def calibration_rows(ctx: RunContext) -> list[dict]:
     assert ctx.samples is not None
     return [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.samples.input_ids]

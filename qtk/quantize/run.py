@@ -228,6 +228,7 @@ def quantize(
         f"{method.name} {options.bits}-bit, group {options.group_size}, {'sym' if options.sym else 'asym'} on {device}")
 
     tmp = out.parent / f".{out.name}.qtk-tmp-{os.getpid()}"
+    work = out.parent / f".{out.name}.qtk-work"  # a method's resume checkpoint: kept until success
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -238,7 +239,7 @@ def quantize(
         t_run = time.monotonic()
         try:
             with stdout_to_stderr(), _layer_progress(model, device, progress):
-                method.run(RunContext(model, options, samples, device, tmp))
+                details = method.run(RunContext(model, options, samples, device, tmp, work_dir=work))
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(
                 f"CUDA out of memory while quantizing with {method.name}: {str(exc).splitlines()[0]}",
@@ -265,6 +266,7 @@ def quantize(
             "calibration": samples.to_dict() if samples else None,
             "versions": {**method.versions(), "qtk": __version__, "python": platform.python_version()},
             "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
+            "method_details": details or {},
             "quantize_s": round(run_s, 2),
             "wall_s": round(time.monotonic() - t0, 2),
             "peak_rss_bytes": _peak_rss_bytes(),
@@ -279,6 +281,7 @@ def quantize(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
