@@ -244,6 +244,7 @@ def test_huggingface_hub_snapshot_download_gated_and_private(guarded, tmp_path):
         snapshot_download("ACME/SECRET-LLAMA", cache_dir=tmp_path / "f", endpoint=srv.url, token=False)
 
 
+@pytest.mark.slow
 def test_transformers_from_pretrained_private_through_the_mirror(guarded, tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("torch")

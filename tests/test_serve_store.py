@@ -218,3 +218,21 @@ def test_provision_store_serves_each_kept_version_under_its_commit(tmp_path):
         assert raw_request(port, "/api/models/qtk/m-gptq/tree/main/.qtk-provision")[0] == 404
     finally:
         stop(srv)
+
+
+def test_hf_cache_links_out_of_their_repo_are_not_served(tmp_path):
+    from hubtest import write_cache_repo
+
+    root = tmp_path / "cache"
+    shas = write_cache_repo(root, "acme/pub", {"v1": {"config.json": b"{}"}}, refs={"main": "v1"})
+    write_cache_repo(root, "acme/priv", {"v1": {"secret.txt": b"SECRET"}}, refs={"main": "v1"})
+    snap = root / "models--acme--pub" / "snapshots" / shas["v1"]
+    (priv_blob,) = (root / "models--acme--priv" / "blobs").iterdir()
+    os.symlink(os.path.relpath(priv_blob, snap), snap / "stolen.txt")  # into another repo's blobs
+    (root / "models--acme--pub" / "refs" / "evil").write_text("../../models--acme--priv")
+    store = MirrorStore(root)
+    snapshot = store.revision("model", "ACME/PUB", "main")
+    assert snapshot.repo_id == "acme/pub" and sorted(snapshot.files) == ["config.json"]
+    assert store.revision("model", "acme/pub", "evil") is None
+    assert not (root / ".qtk-serve").exists()
+    assert hashindex.default_index_dir(root) != root / ".qtk-serve"  # an HF cache stays clean
