@@ -103,7 +103,8 @@ class StepProgress:
             self._stage, self._t0, self._quarter = stage, time.monotonic(), -1
             if self.console.is_terminal:
                 self._live = Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
-                                      TextColumn("{task.fields[status]}"), console=self.console, transient=False)
+                                      TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+                                      redirect_stdout=False, redirect_stderr=False)  # backends' prints stay in the log
                 self._live.start()
                 self._task = self._live.add_task(f"  {stage}", total=total, status="")
         status = self._status(done, total, peak_bytes)
