@@ -72,3 +72,17 @@ def test_plot_uses_short_tags_and_a_legend_with_the_full_names(tmp_path):
     assert [t.split()[0] for t in texts] == ["M1", "M2", "M3", "M4"]
     assert "SmolLM2-135M-Instruct-gptq-w4g64 (gptq)" in texts[1] and "reference" in texts[0]
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_verify_with_cuda_but_no_gpu_is_refused_before_loading(qtk, ref_dir):
+    """One device resolver for quantize, verify, chat and provision: --device cuda without a GPU is
+    exit 51 at once (it used to load and then fail with an unmapped error)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    except ImportError:
+        pass
+    r = qtk("verify", str(ref_dir), str(ref_dir), "--device", "cuda", "--no-smoke")
+    assert r.exit_code == 51 and "CUDA" in r.stderr and "loading" not in r.stderr
