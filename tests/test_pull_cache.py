@@ -389,3 +389,20 @@ def test_library_pull_maps_a_read_only_cache_too(evil, cache_dir, monkeypatch):
     monkeypatch.setattr(lockmod.Path, "mkdir", refuse)
     with pytest.raises(errors.NotWritableError):
         pull(plan, connections=2)
+
+
+def test_a_blob_linked_into_huggingface_hubs_shared_store_is_adopted(qtk, evil, cache_dir):
+    """huggingface_hub 2.x may make blobs/<oid> a symlink into $HF_HUB_CACHE/blobs/<xx>/<xet hash>:
+    such a blob is hashed once and then counts as present; a link out of the cache never does."""
+    assert qtk("pull", "acme/dupes").exit_code == 0
+    blob = _repo_dir(cache_dir) / "blobs" / _sha256(SAFETENSORS)
+    store = cache_dir / "blobs" / "ab" / ("ab" + "0" * 62)
+    store.parent.mkdir(parents=True)
+    os.replace(blob, store)
+    os.symlink(os.path.relpath(store, blob.parent), blob)
+    shutil.rmtree(_repo_dir(cache_dir) / ".qtk")
+    doc = json.loads(qtk("pull", "acme/dupes", "--json").stdout)
+    assert doc["stats"]["bytes_downloaded"] == 0 and all(f["present"] for f in doc["files"])
+    record = json.loads((_repo_dir(cache_dir) / ".qtk" / "verified" / blob.name).read_text())
+    assert record["source"] == "adopted" and record["ino"] == store.stat().st_ino
+    assert blob.is_symlink()  # left as huggingface_hub made it

@@ -333,3 +333,45 @@ def test_lock_timeout_is_exit_22(qtk, hub2, cache_dir):
 def test_lock_timeout_must_be_a_non_negative_number(qtk, value):
     r = qtk("pull", "acme/locks", "--lock-timeout", value)
     assert r.exit_code == 2
+
+
+@pytest.mark.slow
+def test_a_holder_whose_lock_is_taken_over_stops_writing_state_and_places_nothing(hub2, cache_dir, no_flock,
+                                                                                 monkeypatch):
+    import threading
+
+    from qtk import errors
+    from qtk.hub.download import plan_pull, pull
+    from qtk.settings import Settings
+
+    monkeypatch.setattr(_lock, "HEARTBEAT_S", 0.05)
+    hub2.faults.throttle_bps = 2e6
+    plan = plan_pull("acme/locks", settings=Settings.from_env(hub_cache=cache_dir), check_access=False,
+                     include=["a.safetensors"])
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", _capture(lambda: pull(plan, connections=2))))
+    start = hub2.bytes_sent
+    t.start()
+    _wait_bytes(hub2, start, 2 * 1024 * 1024)
+    excl = Path(str(_lock_path(cache_dir, FILES["a.safetensors"])) + EXCL_SUFFIX)
+    excl.unlink()  # another host broke the lock (this holder looked dead to it) and took it
+    excl.write_text(json.dumps({"host": "node-b", "pid": 7, "id": "theirs"}))
+    time.sleep(0.5)  # >> the heartbeat: the holder has noticed
+    state = _part(cache_dir, FILES["a.safetensors"]).with_name(_part(cache_dir, FILES["a.safetensors"]).name
+                                                                + ".state.json")
+    before = state.read_bytes()
+    assert hub2.bytes_sent - start < BIG, "still downloading while we watch"
+    time.sleep(0.5)
+    assert state.read_bytes() == before  # not written without the lock
+    hub2.faults.throttle_bps = 0
+    t.join(timeout=60)
+    assert isinstance(box["r"], errors.LockTimeoutError), box
+    assert not (cache_dir / "models--acme--locks" / "blobs" / _sha(FILES["a.safetensors"])).exists()
+    assert json.loads(excl.read_text())["id"] == "theirs"  # the new holder's lock is left alone
+
+
+def _capture(fn):
+    try:
+        return fn()
+    except Exception as exc:  # returned to the test thread
+        return exc
