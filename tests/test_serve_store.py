@@ -236,3 +236,15 @@ def test_hf_cache_links_out_of_their_repo_are_not_served(tmp_path):
     assert store.revision("model", "acme/pub", "evil") is None
     assert not (root / ".qtk-serve").exists()
     assert hashindex.default_index_dir(root) != root / ".qtk-serve"  # an HF cache stays clean
+
+
+def test_index_forgets_versions_no_longer_in_the_store(tmp_path):
+    root = tmp_path / "store"
+    d = write_plain_repo(root, "acme/m", {"a.txt": b"a", "b.txt": b"b"})
+    store = open_store(root)
+    assert store.index_all().hashed_files == 2
+    (d / "b.txt").unlink()
+    (d / "a.txt").write_bytes(b"A")  # a new version of a.txt
+    stats = store.index_all()
+    assert (stats.hashed_files, stats.dropped, len(store.index)) == (1, 2, 1)
+    store.index.close()

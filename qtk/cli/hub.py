@@ -285,7 +285,8 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
         stats = _index_with_progress(out, store)
         repos = store.list_repos()
         out.err.print(f"Indexed {len(repos)} repo(s), {stats.files} file(s) from {directory}: hashed "
-                      f"{stats.hashed_files} new file(s) ({human_bytes(stats.hashed_bytes)}); index at "
+                      f"{stats.hashed_files} new file(s) ({human_bytes(stats.hashed_bytes)})"
+                      + (f", forgot {stats.dropped} replaced or deleted" if stats.dropped else "") + "; index at "
                       f"{store.index.path or 'memory'}")
         if server is None:
             return

@@ -117,6 +117,18 @@ class HashIndex:
             if self._db is not None:
                 self._db.execute("INSERT OR REPLACE INTO hashes VALUES (?,?,?,?,?,?,?)", (*key, sha256, sha1))
 
+    def retain(self, keys: set[FileKey]) -> int:
+        """Drop every row whose file version is not in ``keys`` (files replaced or deleted since they were
+        hashed); returns how many. Call it only with the keys of a complete walk of the store."""
+        with self._mu:
+            stale = [k for k in self._mem if k not in keys]
+            for k in stale:
+                del self._mem[k]
+            if self._db is not None and stale:
+                self._db.executemany("DELETE FROM hashes WHERE dev=? AND ino=? AND size=? AND mtime_ns=? AND ctime_ns=?",
+                                     stale)
+        return len(stale)
+
     def hashes(self, path: str, key: FileKey, *, need_sha1: bool,
                progress: Callable[[int], None] | None = None) -> tuple[str, str | None]:
         """The hashes of the file at ``path`` whose identity is ``key``; computed at most once at a time

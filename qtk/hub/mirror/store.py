@@ -138,6 +138,7 @@ class IndexStats:
     hashed_files: int = 0
     hashed_bytes: int = 0
     skipped: int = 0
+    dropped: int = 0  # index rows of file versions no longer in the store
 
 
 class MirrorStore:
@@ -505,6 +506,8 @@ class MirrorStore:
                     hit = self.index.get(file_key(st))
                     if not trusted and (hit is None or (hit[1] is None and not lfs)):
                         work.append((rel, real, st, lfs))
+        live = {file_key(st) for _e, _t, _a, walked in tops if walked for _r, st in walked[0].values()}
+        stats.dropped = self.index.retain(live)  # hashes of files replaced or deleted since: forgotten
         unique = {file_key(st): (rel, real, st, lfs) for rel, real, st, lfs in work}
         if on_total:
             on_total(len(unique), sum(st.st_size for _r, _p, st, _l in unique.values()))
