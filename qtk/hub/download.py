@@ -196,13 +196,28 @@ def _target(settings: Settings, repo_id: str, repo_type: str, local_dir: Path | 
     return LocalDirTarget(local_dir) if local_dir is not None else CacheTarget(settings.hub_cache, repo_id, repo_type)
 
 
+HASH_WORKERS = 4  # blobs hashed side by side when a plan must check unrecorded (or --verify) copies
+
+
+def _statuses(target, commit: str, files: list[RemoteFile], verify: bool) -> dict[str, str]:
+    """Status per blob (per path for --local-dir). A blob shared by several paths is checked once; blobs
+    that need hashing (not placed by qtk, or --verify) are hashed in parallel (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique: dict[str, RemoteFile] = {}
+    for f in files:
+        unique.setdefault(f.oid if isinstance(target, CacheTarget) else f.path, f)
+    workers = min(HASH_WORKERS, os.cpu_count() or 1, len(unique)) or 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtk-check") as pool:
+        futures = {k: pool.submit(target.status, commit, f, verify=verify) for k, f in unique.items()}
+        return {k: fut.result() for k, fut in futures.items()}
+
+
 def _planned(target, commit: str, files: list[RemoteFile], chunk_size: int, verify: bool = False) -> tuple[PlannedFile, ...]:
     out = []
-    seen: dict[str, str] = {}  # oid -> status: a blob shared by several paths is checked (hashed) once
+    statuses = _statuses(target, commit, files, verify)
     for f in files:
-        key = f.oid if isinstance(target, CacheTarget) else f.path
-        status = seen.get(key) or target.status(commit, f, verify=verify)
-        seen[key] = status
+        status = statuses[f.oid if isinstance(target, CacheTarget) else f.path]
         present = status == PRESENT
         part = target.part_path(f)
         out.append(
