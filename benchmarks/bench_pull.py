@@ -1,7 +1,18 @@
 """qtk pull vs hf download vs hf_transfer vs curl on a local Hub mirror (~1 GiB of files).
 
-    python benchmarks/bench_pull.py                 # unthrottled + 20 MB/s-per-connection + resume
-    python benchmarks/bench_pull.py --rounds 5 --size-mib 1024 --json out.json
+    python benchmarks/bench_pull.py                 # both topologies (below)
+    python benchmarks/bench_pull.py --topology direct --rounds 5 --size-mib 1024 --json out.json
+    python benchmarks/bench_pull.py --topology cdn --url-ttl 1 --sizes-mb 100,160,300
+
+Topologies:
+
+* ``direct``: the mirror serves the bytes itself: (a) unthrottled, (b) throttled to 20 MB/s per
+  connection, (c) resume after kill -9.
+* ``cdn``: the Hub's topology (tests/cdntest.py): the endpoint answers LFS resolves with a 302 to a
+  second origin that only takes GETs with a signed URL expiring after ``--url-ttl`` seconds, and
+  throttles each connection to 20 MB/s: (d) the ~1 GiB repo, (e) single-file repos of 100-300 MB
+  (range sizing: every connection must work), (f) resume after kill -9. Only qtk and `hf download`
+  run there (curl and hf_transfer do not follow the redirect).
 
 Each tool writes into a fresh directory; tools alternate within a round and `sync` runs between
 runs (unthrottled loopback is noisy). Reports best and median wall time, MB/s, peak RSS, and every
@@ -52,6 +63,38 @@ print(srv.url, flush=True)
 threading.Event().wait()
 """
 
+CDN_SERVER_CODE = r"""
+import sys, json, threading
+sys.path.insert(0, sys.argv[3])
+from cdntest import EndpointHandler, RequestLog, start_topology
+from pathlib import Path
+
+class H(EndpointHandler):
+    def _dispatch(self, head):
+        if self.path == "/_stats":
+            cdn = topo.cdn
+            return self._send_json({"bytes_sent": self.server.bytes_sent + cdn.bytes_sent,
+                                    "cdn_expired": sum(1 for e in cdn.log if e.status == 403),
+                                    "cdn_requests": len(cdn.log),
+                                    "resolves": sum(1 for e in self.server.log if "/resolve/" in e.path)})
+        return super()._dispatch(head)
+
+topo = start_topology(Path(sys.argv[1]), ttl=float(sys.argv[4]), handler=H)
+topo.cdn.faults.throttle_bps = float(sys.argv[2])
+topo.endpoint.faults.auth_headers = type("Sink", (), {"append": lambda self, x: None})()
+print(topo.endpoint.url, flush=True)
+threading.Event().wait()
+"""
+
+
+def _random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 16 * 1024 * 1024)
+            fh.write(os.urandom(n))
+            left -= n
+
 
 def make_repo(root: Path, size_mib: int) -> dict[str, int]:
     """Two safetensors shards (3/4 and 1/4 of the size) and a config, random bytes."""
@@ -66,28 +109,39 @@ def make_repo(root: Path, size_mib: int) -> dict[str, int]:
     sizes["config.json"] = (d / "config.json").stat().st_size
     for name, size in sizes.items():
         if name.endswith(".safetensors"):
-            with open(d / name, "wb") as fh:
-                left = size
-                while left:
-                    n = min(left, 16 * 1024 * 1024)
-                    fh.write(os.urandom(n))
-                    left -= n
+            _random_file(d / name, size)
     return sizes
 
 
+def make_single_file_repo(root: Path, size_mb: int) -> tuple[str, dict[str, int]]:
+    """``bench/file-<N>mb``: one safetensors file of N decimal MB (the issue's "160 MB file")."""
+    repo = f"bench/file-{size_mb}mb"
+    d = root / repo
+    d.mkdir(parents=True, exist_ok=True)
+    size = size_mb * 1_000_000 + 77
+    _random_file(d / "model.safetensors", size)
+    return repo, {"model.safetensors": size}
+
+
 class Server:
-    def __init__(self, root: Path, throttle_bps: float) -> None:
-        self.proc = subprocess.Popen(
-            [PY, "-c", SERVER_CODE, str(root), str(throttle_bps), str(ROOT / "tests")],
-            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+    """The mirror (``cdn_ttl`` None) or the two-origin topology, in its own process."""
+
+    def __init__(self, root: Path, throttle_bps: float, cdn_ttl: float | None = None,
+                 repos: tuple[str, ...] = (REPO,)) -> None:
+        args = [PY, "-c", SERVER_CODE, str(root), str(throttle_bps), str(ROOT / "tests")]
+        if cdn_ttl is not None:
+            args = [PY, "-c", CDN_SERVER_CODE, str(root), str(throttle_bps), str(ROOT / "tests"), str(cdn_ttl)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.url = self.proc.stdout.readline().strip()
         assert self.url.startswith("http://"), "server did not start"
-        # warm the server's hash cache (first listing hashes the files)
-        urllib.request.urlopen(f"{self.url}/api/models/{REPO}/tree/main?recursive=True").read()
+        for repo in repos:  # warm the server's hash cache (first listing hashes the files)
+            urllib.request.urlopen(f"{self.url}/api/models/{repo}/tree/main?recursive=True").read()
+
+    def stats(self) -> dict:
+        return json.load(urllib.request.urlopen(f"{self.url}/_stats"))
 
     def bytes_sent(self) -> int:
-        return json.load(urllib.request.urlopen(f"{self.url}/_stats"))["bytes_sent"]
+        return self.stats()["bytes_sent"]
 
     def close(self) -> None:
         self.proc.terminate()
@@ -105,10 +159,11 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def tool_cmds(url: str, files: dict[str, int], out: Path, connections: int) -> dict[str, tuple[list[str], dict]]:
+def tool_cmds(url: str, files: dict[str, int], out: Path, connections: int,
+              repo: str = REPO) -> dict[str, tuple[list[str], dict]]:
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(out / "home")}
     env.pop("HF_TOKEN", None)
-    resolve = f"{url}/{REPO}/resolve/main"
+    resolve = f"{url}/{repo}/resolve/main"
     curl_script = " && ".join(f"curl -sf -o {out / 'curl' / n} {resolve}/{n}" for n in files)
     hft_code = (
         "import hf_transfer, sys, os\n"
@@ -121,23 +176,24 @@ def tool_cmds(url: str, files: dict[str, int], out: Path, connections: int) -> d
     )
     (out / "curl").mkdir(parents=True, exist_ok=True)
     return {
-        "qtk": ([PY, "-m", "qtk", "pull", REPO, "-q", "--connections", str(connections),
+        "qtk": ([PY, "-m", "qtk", "pull", repo, "-q", "--connections", str(connections),
                  "--cache-dir", str(out / "qtk")], env),
-        "hf download": ([str(BIN / "hf"), "download", REPO, "--cache-dir", str(out / "hf")],
+        "hf download": ([str(BIN / "hf"), "download", repo, "--cache-dir", str(out / "hf")],
                         {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}),
         "hf_transfer": ([PY, "-c", hft_code], env),
         "curl (1 stream)": (["bash", "-c", curl_script], env),
     }
 
 
-def run_round_robin(url, files, work: Path, rounds: int, connections: int, tools: list[str]) -> dict:
+def run_round_robin(url, files, work: Path, rounds: int, connections: int, tools: list[str],
+                    repo: str = REPO) -> dict:
     total = sum(files.values())
     results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
     for r in range(rounds):
         order = tools[r % len(tools):] + tools[: r % len(tools)]  # rotate who goes first
         for name in order:
             out = work / f"r{r}-{name.split()[0]}"
-            cmds = tool_cmds(url, files, out, connections)
+            cmds = tool_cmds(url, files, out, connections, repo)
             cmd, env = cmds[name]
             subprocess.run(["sync"])
             wall, rss = timed(cmd, env)
@@ -160,11 +216,12 @@ def run_round_robin(url, files, work: Path, rounds: int, connections: int, tools
     return summary
 
 
-def resume_after_kill(url: str, files: dict[str, int], work: Path, server: Server, connections: int) -> dict:
+def resume_after_kill(url: str, files: dict[str, int], work: Path, server: Server, connections: int,
+                      repo: str = REPO) -> dict:
     """Kill -9 a qtk pull at ~50% of the bytes, re-run, measure what the second run transferred."""
     total = sum(files.values())
     out = work / "resume"
-    cmd, env = tool_cmds(url, files, out, connections)["qtk"]
+    cmd, env = tool_cmds(url, files, out, connections, repo)["qtk"]
     start = server.bytes_sent()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while server.bytes_sent() - start < total * 0.5:
@@ -185,9 +242,103 @@ def resume_after_kill(url: str, files: dict[str, int], work: Path, server: Serve
     }
 
 
+def _print_table(title: str, table: dict) -> None:
+    print(f"\n{title}: tool, best s, median s, best MB/s, x hf download (best / median), peak RSS MB")
+    for name, s in table.items():
+        print(f"  {name:<16} {s['best_s']:7.2f} {s['median_s']:7.2f} {s['best_MBps']:7.0f} "
+              f"{s['x_hf_download_best']:6.2f}x / {s['x_hf_download_median']:5.2f}x {s['peak_rss_MB']:6.0f}")
+
+
+def run_direct(args, work: Path, files: dict[str, int], tools: list[str], report: dict) -> None:
+    srv = Server(work / "store", 0)
+    try:
+        print("(a) direct, unthrottled loopback")
+        report["unthrottled"] = run_round_robin(srv.url, files, work, args.rounds, args.connections, tools)
+    finally:
+        srv.close()
+    srv = Server(work / "store", args.throttle_mbps * 1e6)
+    try:
+        print(f"(b) direct, throttled: {args.throttle_mbps:.0f} MB/s per connection")
+        report["throttled"] = run_round_robin(srv.url, files, work, args.throttled_rounds, args.connections, tools)
+        print("(c) direct, resume after kill -9 at ~50% (throttled server)")
+        report["resume"] = resume_after_kill(srv.url, files, work, srv, args.connections)
+        print(f"  sent before kill {report['resume']['fraction_sent_before_kill']:.0%}, "
+              f"re-transferred {report['resume']['fraction_retransferred']:.0%}")
+    finally:
+        srv.close()
+    _print_table("(a) direct, unthrottled", report["unthrottled"])
+    _print_table("(b) direct, throttled", report["throttled"])
+    if "hf_transfer" in report["unthrottled"]:
+        q, t = report["unthrottled"]["qtk"], report["unthrottled"]["hf_transfer"]
+        print(f"\nqtk vs hf_transfer (unthrottled): best {t['best_s'] / q['best_s']:.2f}x, "
+              f"median {t['median_s'] / q['median_s']:.2f}x")
+
+
+def fetch_seconds(url: str, repo: str, work: Path, connections: int, chunk_size: int | None) -> float:
+    """qtk's transfer alone (in this process, no CLI start-up): ``FetchStats.wall_s`` of one pull
+    with fixed ranges (``chunk_size``, what qtk did before) or per-file ranges (None)."""
+    sys.path.insert(0, str(ROOT))
+    from qtk.hub.download import plan_pull, pull
+    from qtk.settings import Settings
+
+    cache = work / f"fetch-{chunk_size}"
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = url
+    try:
+        plan = plan_pull(repo, settings=Settings.from_env(hub_cache=cache), check_access=False)
+        subprocess.run(["sync"])
+        return pull(plan, connections=connections, chunk_size=chunk_size).stats.wall_s
+    finally:
+        if old is None:
+            os.environ.pop("HF_ENDPOINT", None)
+        else:
+            os.environ["HF_ENDPOINT"] = old
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def run_cdn(args, work: Path, files: dict[str, int], sized: dict[str, dict[str, int]], report: dict) -> None:
+    tools = ["qtk", "hf download"]
+    srv = Server(work / "store", args.throttle_mbps * 1e6, cdn_ttl=args.url_ttl, repos=(REPO, *sized))
+    try:
+        print(f"(d) two origins (302 to a signed GET-only URL, {args.url_ttl:g} s expiry), "
+              f"{args.throttle_mbps:.0f} MB/s per connection")
+        before = srv.stats()
+        report["cdn"] = run_round_robin(srv.url, files, work, args.throttled_rounds, args.connections, tools)
+        after = srv.stats()
+        report["cdn_server"] = {k: after[k] - before[k] for k in ("cdn_expired", "cdn_requests", "resolves")}
+        print(f"  CDN: {report['cdn_server']['cdn_requests']} requests, {report['cdn_server']['cdn_expired']} "
+              f"refused as expired; endpoint resolves: {report['cdn_server']['resolves']}")
+        report["cdn_sizes"] = {}
+        for repo, f in sized.items():
+            print(f"(e) two origins, one file of {f['model.safetensors'] / 1e6:.0f} MB")
+            report["cdn_sizes"][repo] = run_round_robin(srv.url, f, work, args.throttled_rounds, args.connections,
+                                                        tools, repo)
+            size = f["model.safetensors"]
+            old = min(fetch_seconds(srv.url, repo, work, args.connections, 16 * 1024 * 1024)
+                      for _ in range(args.throttled_rounds))
+            new = min(fetch_seconds(srv.url, repo, work, args.connections, None) for _ in range(args.throttled_rounds))
+            ideal = size / (args.connections * args.throttle_mbps * 1e6)
+            report["cdn_sizes"][repo]["qtk transfer only"] = {"fixed_16MiB_ranges_s": old, "per_file_ranges_s": new,
+                                                              "all_connections_busy_s": ideal}
+            print(f"  qtk transfer only: 16 MiB ranges {old:.2f} s, per-file ranges {new:.2f} s "
+                  f"({old / new:.2f}x); all {args.connections} connections busy would take {ideal:.2f} s")
+        print("(f) two origins, resume after kill -9 at ~50%")
+        report["cdn_resume"] = resume_after_kill(srv.url, files, work, srv, args.connections)
+        print(f"  sent before kill {report['cdn_resume']['fraction_sent_before_kill']:.0%}, "
+              f"re-transferred {report['cdn_resume']['fraction_retransferred']:.0%}")
+    finally:
+        srv.close()
+    _print_table("(d) two origins, ~1 GiB repo", report["cdn"])
+    for repo, table in report["cdn_sizes"].items():
+        _print_table(f"(e) two origins, {repo}", {k: v for k, v in table.items() if "best_s" in v})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", choices=["direct", "cdn", "both"], default="both")
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--sizes-mb", default="100,160,300", help="cdn: single-file repos of these sizes (MB)")
+    ap.add_argument("--url-ttl", type=float, default=2.0, help="cdn: seconds a signed URL stays valid")
     ap.add_argument("--rounds", type=int, default=3, help="unthrottled rounds (tools alternate)")
     ap.add_argument("--throttled-rounds", type=int, default=1)
     ap.add_argument("--throttle-mbps", type=float, default=20.0, help="per connection, MB/s")
@@ -195,43 +346,27 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    tools = ["qtk", "hf download", "hf_transfer", "curl (1 stream)"]
+    tools = ["qtk", "hf download", "curl (1 stream)"]
+    try:
+        import hf_transfer  # noqa: F401
+
+        tools.insert(2, "hf_transfer")
+    except ImportError:
+        print("(hf_transfer not installed: `pip install hf_transfer` to include it)")
     work = Path(tempfile.mkdtemp(prefix="qtk-bench-", dir=os.environ.get("QTK_BENCH_DIR")))
     try:
         files = make_repo(work / "store", args.size_mib)
+        sized = dict(make_single_file_repo(work / "store", int(mb)) for mb in args.sizes_mb.split(",") if mb) \
+            if args.topology != "direct" else {}
         total = sum(files.values())
         print(f"{len(files)} files, {total / 2**20:.0f} MiB; {platform.node()} {os.cpu_count()} cores; "
               f"python {platform.python_version()}")
         report: dict = {"bytes": total, "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                        "connections": args.connections}
-
-        srv = Server(work / "store", 0)
-        try:
-            print("(a) unthrottled loopback")
-            report["unthrottled"] = run_round_robin(srv.url, files, work, args.rounds, args.connections, tools)
-        finally:
-            srv.close()
-
-        srv = Server(work / "store", args.throttle_mbps * 1e6)
-        try:
-            print(f"(b) throttled: {args.throttle_mbps:.0f} MB/s per connection")
-            report["throttled"] = run_round_robin(srv.url, files, work, args.throttled_rounds, args.connections,
-                                                  tools)
-            print("(c) resume after kill -9 at ~50% (throttled server)")
-            report["resume"] = resume_after_kill(srv.url, files, work, srv, args.connections)
-            print(f"  sent before kill {report['resume']['fraction_sent_before_kill']:.0%}, "
-                  f"re-transferred {report['resume']['fraction_retransferred']:.0%}")
-        finally:
-            srv.close()
-
-        for key in ("unthrottled", "throttled"):
-            print(f"\n{key}: tool, best s, median s, best MB/s, x hf download (best / median), peak RSS MB")
-            for name, s in report[key].items():
-                print(f"  {name:<16} {s['best_s']:7.2f} {s['median_s']:7.2f} {s['best_MBps']:7.0f} "
-                      f"{s['x_hf_download_best']:6.2f}x / {s['x_hf_download_median']:5.2f}x {s['peak_rss_MB']:6.0f}")
-        q, t = report["unthrottled"]["qtk"], report["unthrottled"]["hf_transfer"]
-        print(f"\nqtk vs hf_transfer (unthrottled): best {t['best_s'] / q['best_s']:.2f}x, "
-              f"median {t['median_s'] / q['median_s']:.2f}x")
+                        "connections": args.connections, "url_ttl_s": args.url_ttl}
+        if args.topology in ("direct", "both"):
+            run_direct(args, work, files, tools, report)
+        if args.topology in ("cdn", "both"):
+            run_cdn(args, work, files, sized, report)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     finally:

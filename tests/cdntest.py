@@ -327,6 +327,13 @@ class CdnServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away mid-answer (killed pull, closed connection) is normal here."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
     def blob(self, sha: str) -> Path | None:
         return self._blobs.get(sha)
 
@@ -367,10 +374,11 @@ class Topology:
             srv.server_close()
 
 
-def start_topology(root: Path, *, auth=None, ttl: float = 3600.0, **endpoint_kw) -> Topology:
+def start_topology(root: Path, *, auth=None, ttl: float = 3600.0, handler: type = EndpointHandler,
+                   **endpoint_kw) -> Topology:
     signer = Signer(ttl)
     cdn = CdnServer(root, signer)
-    endpoint = start_server(root, auth=auth, handler=EndpointHandler, lfs_redirect_base=cdn.url, **endpoint_kw)
+    endpoint = start_server(root, auth=auth, handler=handler, lfs_redirect_base=cdn.url, **endpoint_kw)
     endpoint.signer = signer
     endpoint.log = RequestLog()
     endpoint.endpoint_faults = EndpointFaults()

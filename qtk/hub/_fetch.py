@@ -433,6 +433,8 @@ class Fetcher:
         self._holdoff: dict[tuple, float] = {}  # origin -> monotonic time before which nobody asks it
         self._holdoff_mu = threading.Lock()
         self._locker = Locker()
+        self._flush_mu = threading.RLock()
+        self._last_flush = 0.0
         self._last_wait_flush = self._last_wait_sync = 0.0
 
     # ------------------------------------------------------------------ public
@@ -589,11 +591,28 @@ class Fetcher:
                 elif n > 0:
                     task.partial[i] = n
 
+    def _maybe_flush(self) -> None:
+        """Called by the workers after each write: flush every ``STATE_FLUSH_S`` from whichever thread
+        runs, so that what a kill -9 loses does not depend on the main thread being scheduled (on a
+        loaded machine it may not be for a while)."""
+        if time.monotonic() - self._last_flush < STATE_FLUSH_S or not self._flush_mu.acquire(blocking=False):
+            return
+        try:
+            self._last_flush = time.monotonic()
+            for t in list(self._tasks):
+                self._flush_state(t)
+        finally:
+            self._flush_mu.release()
+
     def _flush_state(self, task: _FileTask, *, sync: bool = False) -> None:
         """Write the sidecar state. Without ``sync`` it survives kill -9 (the page cache does);
         with ``sync`` an fdatasync first makes the recorded progress survive a reboot too."""
         if task.lock.lost:  # the state file belongs to the lock holder only
             return
+        with self._flush_mu:  # one writer of the state files at a time
+            self._write_task_state(task, sync)
+
+    def _write_task_state(self, task: _FileTask, sync: bool) -> None:
         with task.mu:
             if task.finished or task.fd < 0 or not (task.dirty or sync and task.durable is None):
                 return
@@ -801,6 +820,8 @@ class Fetcher:
             headers = self._headers(url, None if task.single else {"Range": f"bytes={pos}-{end - 1}"})
             r = self._request("GET", url, headers, preload=False)
             try:
+                if task.gen != gen:  # re-planned while this request was on its way
+                    raise _Stale
                 if r.status == 206 and not task.single:
                     self._check_content_range(task, r, pos, end)
                 elif r.status == 200 and (whole or task.single):
@@ -895,6 +916,7 @@ class Fetcher:
                     raise _Stale
                 task.partial[i] = pos - chunk_start
                 task.dirty = True
+            self._maybe_flush()
             with self._stats_mu:
                 self.stats.bytes_downloaded += n
             self.progress.advance(task.job.key, n)
@@ -1027,7 +1049,7 @@ class Fetcher:
         last_flush = last_sync = time.monotonic()
         with self._all_done:
             while self._pending_files > 0 and not self._stop.is_set():
-                self._all_done.wait(timeout=0.1)
+                self._all_done.wait(timeout=STATE_FLUSH_S)  # the flush period bounds what a kill -9 loses
                 now = time.monotonic()
                 if now - last_flush >= STATE_FLUSH_S:
                     sync = now - last_sync >= STATE_SYNC_S
