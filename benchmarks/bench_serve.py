@@ -103,9 +103,11 @@ class Server:
     def threads(self) -> int:
         return int(self.status()["Threads"])
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Stop it (SIGTERM: a clean stop); its last stderr line (the request and 503 counts)."""
         self.proc.terminate()
-        self.proc.wait()
+        _, err = self.proc.communicate(timeout=60)
+        return (err.strip().splitlines() or [""])[-1]
 
 
 class Slowloris:
@@ -304,7 +306,7 @@ def main() -> None:
               f"each: {wall:.1f} s, aggregate {total / wall / 1e6:.0f} MB/s ({total / wall / (total0 / wall0):.2f}x one "
               f"pull alone); all byte-identical: {ok}; server peak RSS {srv.peak_rss_mb():.0f} MB, "
               f"threads {srv.threads()}")
-        srv.close()
+        print(f"    server at exit: {srv.close()}")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

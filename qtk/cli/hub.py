@@ -266,6 +266,8 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
       qtk serve ~/.cache/huggingface/hub --access access.toml --tls-cert m.pem --tls-key m.key
       HF_ENDPOINT=http://mirror:8080 qtk pull acme/llama-awq
     """
+    import signal
+
     from ..hub.mirror import service
 
     out = get_output()
@@ -299,13 +301,21 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
         out.err.print(f"Use it with: export HF_ENDPOINT={server.url}")
         click.echo(server.url)
         sys.stdout.flush()
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
         server.serve_forever()
     except KeyboardInterrupt:
         out.err.print("Stopped.")
     finally:
         if server is not None:
             server.server_close()
+            out.err.print(f"Served {server.requests} request(s), {human_bytes(server.bytes_sent)}; answered 503: "
+                          f"{server.rejected_busy} (all workers busy), {server.rejected_connections} (connection "
+                          f"limit); 500: {server.errors_500}.")
         store.index.close()
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # a service manager's stop: close cleanly, print the counts
 
 
 def _index_with_progress(out, store):

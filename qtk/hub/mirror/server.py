@@ -135,7 +135,8 @@ class PooledHTTPServer:
                          for i in range(workers)]
         for t in self._threads:
             t.start()
-        self.rejected_busy = 0
+        self.rejected_busy = 0  # complete requests answered 503: every worker busy and the queue full
+        self.rejected_connections = 0  # connections answered 503: --max-connections reached
         self._next_sweep = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -202,6 +203,7 @@ class PooledHTTPServer:
             with self._mu:
                 full = len(self._conns) >= self.max_connections
             if full:
+                self.rejected_connections += 1
                 self._refuse(sock, TOO_MANY)
                 continue
             sock.setblocking(False)
