@@ -41,7 +41,8 @@ def check(srv, target, token, status, *, method="GET", allowed_marker: bytes | N
         assert hdrs.get("X-Error-Code"), (target, dict(hdrs))
         msg = hdrs.get("X-Error-Message", "")
         assert all(" " <= c <= "~" for c in msg), msg
-        assert json.loads(body or b'{"error": ""}') if method != "HEAD" else True
+        if method != "HEAD":
+            assert "error" in json.loads(body)
     for name in hdrs.keys():  # no header smuggled in through the request
         assert name.lower() not in ("set-cookie", "x-injected"), dict(hdrs)
     return got, hdrs, body
@@ -213,7 +214,6 @@ def test_listing_hides_dot_entries_links_out_special_files_and_the_access_file(h
             break
         cursor += 3
     assert sorted(paths) == sorted(PUBLIC_FILES)
-    assert "acme/internal" not in {r for _, r in hostile.store.list_repos()} or True
     assert ("model", "dup/model") not in hostile.store.list_repos()
     assert ("model", "Acme2/Mixed") in hostile.store.list_repos()
 
