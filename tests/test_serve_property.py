@@ -1,6 +1,7 @@
-"""Property: whatever request target an anonymous client sends to `qtk serve`, the answer is a complete HTTP
-response and never carries bytes of a file it may not read (private/gated repos, files beside or inside the
-served directory that are not part of a public repo, the access file).
+"""Property: whatever request target a client without access (no token, a valid user without access, an
+unknown token) sends to `qtk serve`, the answer is a complete HTTP response and never carries bytes of a
+file it may not read (private/gated repos, files beside or inside the served directory that are not part
+of a public repo, the access file).
 
 Targets are sent verbatim over a raw socket: no client-side normalisation of '..', '%2e' or case.
 """
@@ -13,7 +14,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from hubtest import start_server  # noqa: E402
+from hubtest import BOB, start_server  # noqa: E402
 from servetest import SECRETS, build_hostile_store, raw_request  # noqa: E402
 
 from qtk.hub.mirror.app import load_auth  # noqa: E402
@@ -48,8 +49,9 @@ def hostile(tmp_path_factory):
     srv.server_close()
 
 
-def _check(srv, target, method):
-    status, hdrs, body = raw_request(srv.server_address[1], target, method=method)  # raises on a dropped connection
+def _check(srv, target, method, token=None):
+    status, hdrs, body = raw_request(srv.server_address[1], target, method=method,  # raises on a dropped connection
+                                     headers={"Authorization": f"Bearer {token}"} if token else None)
     assert 100 <= status < 600
     for marker in SECRETS:
         assert marker not in body, (target, marker, status)
@@ -59,9 +61,9 @@ def _check(srv, target, method):
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(target=targets, method=st.sampled_from(["GET", "HEAD"]))
-def test_composed_targets_never_leak_or_drop(hostile, target, method):
-    _check(hostile, target, method)
+@given(target=targets, method=st.sampled_from(["GET", "HEAD"]), token=st.sampled_from([None, BOB, "hf_unknown"]))
+def test_composed_targets_never_leak_or_drop(hostile, target, method, token):
+    _check(hostile, target, method, token)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
