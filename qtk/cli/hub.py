@@ -266,6 +266,7 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
       qtk serve ~/.cache/huggingface/hub --access access.toml --tls-cert m.pem --tls-key m.key
       HF_ENDPOINT=http://mirror:8080 qtk pull acme/llama-awq
     """
+    import gc
     import signal
 
     from ..hub.mirror import service
@@ -285,6 +286,7 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
                                                                   header_timeout, io_timeout, io_timeout))
     try:
         stats = _index_with_progress(out, store)
+        gc.freeze()  # the listings built at start live as long as the server: keep them out of GC passes
         repos = store.list_repos()
         out.err.print(f"Indexed {len(repos)} repo(s), {stats.files} file(s) from {directory}: hashed "
                       f"{stats.hashed_files} new file(s) ({human_bytes(stats.hashed_bytes)})"
