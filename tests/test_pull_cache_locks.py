@@ -375,3 +375,28 @@ def _capture(fn):
         return fn()
     except Exception as exc:  # returned to the test thread
         return exc
+
+
+def test_lock_files_follow_the_umask_for_team_caches(tmp_path):
+    old = os.umask(0o002)
+    try:
+        lock = Locker().try_acquire(tmp_path / "x.lock")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.lock").stat().st_mode & 0o777 == 0o664
+    lock.release()
+
+
+def test_a_lock_file_this_user_cannot_write_still_locks(tmp_path):
+    """Another user's lock file (no write access for us): flock works on a read-only descriptor."""
+    p = tmp_path / "x.lock"
+    p.write_text("")
+    p.chmod(0o444)
+    code = ("import sys; from qtk.hub._lock import Locker; lk = Locker().try_acquire(sys.argv[1]); "
+            "print(lk.mode if lk else None)")
+    drop = (["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"] if os.geteuid() == 0 else [])
+    if drop and subprocess.run([*drop, "true"]).returncode != 0:
+        pytest.skip("cannot drop root's file-permission override here")
+    r = subprocess.run([*drop, sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "flock"

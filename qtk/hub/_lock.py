@@ -206,6 +206,16 @@ class Lock:
         return self._released
 
 
+def _open_lock_file(path: Path) -> int:
+    """The lock file, created with 0666 less the umask (a team cache with umask 002 stays usable by the
+    group, as huggingface_hub's are); one made by another user without write access for us is opened
+    read-only: flock does not need write access."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 def _owned(path: Path, token: str | None) -> bool:
     info = holder_info(path)
     return bool(info) and info.get("id") == token
@@ -280,7 +290,7 @@ class Locker:
     @staticmethod
     def _try_flock(path: Path) -> Lock | None:
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
