@@ -535,7 +535,7 @@ class Fetcher:
         if not fresh:
             self._load_state(task)
         if task.fd < 0:
-            task.fd = os.open(job.part_path, os.O_RDWR | os.O_CREAT, 0o644)
+            task.fd = os.open(job.part_path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask: group caches resume
         if os.fstat(task.fd).st_size != size:
             os.ftruncate(task.fd, 0)
             task.done, task.partial = set(), {}
