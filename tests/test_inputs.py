@@ -9,6 +9,7 @@ import pytest
 
 @pytest.fixture
 def ref_dir(tmp_path):
+    pytest.importorskip("numpy")  # qtk verify needs its extra (numpy at least) to start at all
     d = tmp_path / "ref"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
@@ -86,3 +87,13 @@ def test_verify_with_cuda_but_no_gpu_is_refused_before_loading(qtk, ref_dir):
         pass
     r = qtk("verify", str(ref_dir), str(ref_dir), "--device", "cuda", "--no-smoke")
     assert r.exit_code == 51 and "CUDA" in r.stderr and "loading" not in r.stderr
+
+
+def test_verify_without_its_extra_says_which_extra(qtk, tmp_path):
+    """On a base install (no numpy/torch) qtk verify names the extra instead of a bare ImportError."""
+    import importlib.util
+
+    if importlib.util.find_spec("numpy") is not None:
+        pytest.skip("numpy is installed: the verify extra is (partly) present")
+    r = qtk("verify", str(tmp_path), str(tmp_path))
+    assert r.exit_code == 50 and "qtk[verify]" in r.stderr

@@ -41,7 +41,7 @@ def test_the_suite_runs_against_the_installed_wheel():
         pytest.skip("not run by scripts/test.sh (QTK_TEST_INSTALLED unset)")
     here = Path(qtk.__file__).resolve()
     assert "site-packages" in here.parts, here
-    assert ROOT not in here.parents, f"qtk imported from the checkout: {here}"
+    assert not here.is_relative_to(ROOT / "qtk"), f"qtk imported from the checkout: {here}"
 
 
 def test_environment_holds_what_its_profile_promises():

@@ -69,6 +69,7 @@ def _manifest(tmp_path, method: str, **params) -> object:
 
 
 def test_provision_validates_and_keys_a_registered_method(toy, tmp_path):
+    pytest.importorskip("numpy")  # provision's verify step options live in qtk.verify (numpy)
     from qtk.provision.manifest import ManifestError, load_manifest
     from qtk.provision.run import ProvisionOptions, Provisioner
 

@@ -7,6 +7,7 @@ import sys
 import traceback
 
 import click
+from rich.markup import escape
 
 from .. import __version__, errors
 from ._output import get_output
@@ -43,9 +44,10 @@ def _report(ctx: click.Context, exc: errors.QtkError) -> None:
     out = get_output(ctx)
     if out.debug:
         out.err.print(errors.redact(traceback.format_exc()), markup=False)
-    out.err.print(f"[bold red]Error:[/bold red] {errors.redact(exc.message)}", markup=True, highlight=False)
+    # escaped: messages and hints carry brackets ("pip install 'qtk[verify]'") that are not markup
+    out.err.print(f"[bold red]Error:[/bold red] {escape(errors.redact(exc.message))}", markup=True, highlight=False)
     if exc.hint:
-        out.err.print(f"[dim]Hint:[/dim] {errors.redact(exc.hint)}", markup=True, highlight=False)
+        out.err.print(f"[dim]Hint:[/dim] {escape(errors.redact(exc.hint))}", markup=True, highlight=False)
     if out.json_mode:
         out.json(exc.to_dict())
 

@@ -63,8 +63,12 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
       qtk verify ./smol-bf16 ./smol-gptq ./smol-nf4 SmolLM2-135M-Instruct.Q4_1.gguf --markdown report.md
       qtk verify meta-llama/Llama-3.1-8B-Instruct ./llama-awq --max-ppl-increase 5 --min-top1 90 --json r.json
     """
-    from ..verify import report as render
-    from ..verify.run import Gates, VerifyOptions, check_gates, gate_error, verify
+    try:
+        from ..verify import report as render
+        from ..verify.run import Gates, VerifyOptions, check_gates, gate_error, verify
+    except ImportError as exc:
+        raise errors.BackendUnavailableError(f"qtk verify needs its extra: {exc}.",
+                                             hint="pip install 'qtk[verify]' with torch pinned (README: Install).") from exc
 
     out = get_output()
     if quiet:
