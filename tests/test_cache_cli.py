@@ -251,3 +251,19 @@ def test_parse_duration_refuses(qtk, text):
     with pytest.raises(errors.UsageError):
         parse_duration(text)
     assert qtk("cache", "prune", "--partials-older-than", text).exit_code == 2
+
+
+@pytest.mark.parametrize("state", ["", "garbage", "[]", "{}", '{"size": "x", "digest": 5}', '{"size": 1e999}',
+                                   '{"size": 10, "digest": ["sha256", "0"], "version": 99}', "\xff\xfe"])
+def test_malformed_resume_state_is_listed_as_nothing_resumable_and_pruned(qtk, cache_dir, state):
+    blobs = _repo(cache_dir) / "blobs"
+    blobs.mkdir(parents=True)
+    (_repo(cache_dir) / "snapshots").mkdir()
+    part = blobs / ("9" * 64 + ".qtk-part")
+    part.write_bytes(b"p" * 10)
+    part.with_name(part.name + ".state.json").write_bytes(state.encode("latin-1"))
+    doc = json.loads(qtk("cache", "ls", "--json").stdout)
+    (p,) = doc["partials"]
+    assert p["resumable_bytes"] == 0 and p["size"] == 10
+    r = qtk("cache", "prune", "--json")
+    assert r.exit_code == 0 and not part.exists()

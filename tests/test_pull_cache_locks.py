@@ -400,3 +400,48 @@ def test_a_lock_file_this_user_cannot_write_still_locks(tmp_path):
     r = subprocess.run([*drop, sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "flock"
+
+
+# ------------------------------------------------------------------ lock files written by anyone (outside input)
+
+_GARBAGE = ["", "not json", "[]", "null", "42", '"str"', '{"pid": "12"}', '{"pid": -1, "host": "%s"}',
+            '{"pid": 0, "host": "%s"}', '{"pid": 99999999999999999999, "host": "%s"}', '{"pid": true, "host": "%s"}',
+            '{"host": ["x"], "id": {"a": 1}}', '{"host": "\\u001b[31mred", "pid": 1.5}', "\x00\xff\xfe"]
+
+
+@pytest.mark.parametrize("content", _GARBAGE)
+def test_malformed_lock_files_are_never_a_crash_nor_an_instant_takeover(tmp_path, no_flock, content):
+    host = Locker().host
+    base = tmp_path / "x.lock"
+    excl = Path(str(base) + EXCL_SUFFIX)
+    excl.write_bytes(content.replace("%s", host).encode("utf-8", "surrogateescape") if "%s" in content
+                     else content.encode("latin-1"))
+    said = []
+    locker = Locker(stale_after=3600, notify=said.append)
+    assert locker.try_acquire(base) is None  # unreadable holder: only a stopped heartbeat frees it
+    assert _lock.is_locked(base)
+    assert not said
+    info = _lock.holder_info(excl)
+    assert info is None or isinstance(info, dict)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=8),
+       st.sampled_from(["host", "pid", "start", "id", "created"]))
+def test_any_json_in_a_lock_file_is_handled(tmp_path_factory, value, key):
+    d = tmp_path_factory.mktemp("anyjson")
+    base = d / "x.lock"
+    Path(str(base) + EXCL_SUFFIX).write_text(json.dumps({"host": Locker().host, "pid": 1, key: value}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_lock, "_modes", {})
+        mp.setattr(_lock.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "no locks")))
+        locker = Locker(stale_after=3600, notify=lambda text: None)
+        lock = locker.try_acquire(base)  # pid 1 is alive: kept, unless the value made the pid unusable
+        assert lock is None or lock.mode == EXCLUSIVE_FILE
+        assert isinstance(_lock.is_locked(base), bool)
+        locker.close()

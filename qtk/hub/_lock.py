@@ -130,7 +130,12 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int, start: str | None) -> bool:
+def _pid(value: object) -> int | None:
+    """A pid from a lock file (written by anyone): a positive int within Linux's pid range, else None."""
+    return value if type(value) is int and 0 < value <= 4194304 else None
+
+
+def _pid_alive(pid: int, start: object) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,7 +143,7 @@ def _pid_alive(pid: int, start: str | None) -> bool:
     except PermissionError:
         return True
     now = _proc_start(pid)
-    return start is None or now is None or now == start
+    return start is None or now is None or now == str(start)
 
 
 def is_locked(base: Path) -> bool:
@@ -146,9 +151,9 @@ def is_locked(base: Path) -> bool:
     excl = Path(str(base) + EXCL_SUFFIX)
     if excl.exists():
         info = holder_info(excl) or {}
-        pid = info.get("pid")
+        pid = _pid(info.get("pid"))
         same_host = info.get("host") == socket.gethostname()
-        return not (same_host and isinstance(pid, int) and not _pid_alive(pid, info.get("start")))
+        return not (same_host and pid is not None and not _pid_alive(pid, info.get("start")))
     try:
         fd = os.open(base, os.O_RDONLY)
     except OSError:
@@ -167,9 +172,10 @@ def is_locked(base: Path) -> bool:
 def holder_info(path: Path) -> dict | None:
     """What an exclusive lock file says about its holder (None if absent or unreadable)."""
     try:
-        return json.loads(Path(path).read_text())
+        info = json.loads(Path(path).read_bytes())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 @dataclass
@@ -214,6 +220,12 @@ def _open_lock_file(path: Path) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
         return os.open(path, os.O_RDONLY)
+
+
+def _shown(value: object) -> str:
+    """A value from someone else's lock file, safe to print (printable, at most 64 characters)."""
+    text = "?" if value is None else str(value)
+    return "".join(c if c.isprintable() else "?" for c in text[:64])
 
 
 def _owned(path: Path, token: str | None) -> bool:
@@ -337,19 +349,19 @@ class Locker:
 
     def _maybe_break(self, path: Path) -> bool:
         """Break the lock file if its holder is gone; True if it was removed (by us or just before)."""
+        info = holder_info(path) or {}  # read first: the open revalidates NFS's cached attributes
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return True
-        info = holder_info(path) or {}
         seen = self._seen.setdefault(path, _Seen())
         key = (st.st_ino, st.st_mtime_ns, info.get("id"))
         now = time.monotonic()
         if key != seen.key:
             seen.key, seen.since = key, now
         reason = None
-        pid = info.get("pid")
-        if info.get("host") == self.host and isinstance(pid, int) and not _pid_alive(pid, info.get("start")):
+        pid = _pid(info.get("pid"))
+        if info.get("host") == self.host and pid is not None and not _pid_alive(pid, info.get("start")):
             reason = f"its process (pid {pid} on this host) is gone"
         elif now - seen.since >= self.stale_after:
             reason = f"its heartbeat has not moved for {now - seen.since:.0f} s"
@@ -358,7 +370,7 @@ class Locker:
         self._seen.pop(path, None)
         if not self._break(path, info.get("id"), st.st_ino):
             return False
-        who = f"{info.get('host', '?')} pid {info.get('pid', '?')}"
+        who = f"{_shown(info.get('host'))} pid {_shown(info.get('pid'))}"
         self.notify(f"took over the stale lock {path} (held by {who}): {reason}.")
         return True
 

@@ -133,12 +133,12 @@ def _partials(cache_dir: Path) -> list[PartialDownload]:
             size, resumable, in_use = st.st_size, 0, False
             if kind == "qtk":
                 in_use = is_locked(_lock_base(cache_dir, part.parent.parent.name, oid))
-                try:
-                    state = json.loads(part.with_name(part.name + STATE_SUFFIX).read_text())
+                try:  # a state file is outside input too (another host, an older qtk, a torn write)
+                    state = json.loads(part.with_name(part.name + STATE_SUFFIX).read_bytes())
                     size = int(state["size"])
                     resumable = resumable_bytes(part, size, tuple(state["digest"]))
-                except (OSError, ValueError, KeyError, TypeError):
-                    pass
+                except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError):
+                    size, resumable = st.st_size, 0
             else:  # huggingface_hub holds its own filelock on .locks/<folder>/<oid>.lock while it writes
                 in_use = is_locked(cache_dir / ".locks" / part.parent.parent.name / f"{oid}.lock")
             out.append(PartialDownload(repo[1], repo[0], part, oid, size, resumable, kind, in_use,
