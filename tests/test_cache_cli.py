@@ -203,13 +203,16 @@ def test_prune_removes_only_what_no_pull_needs(qtk, hub3, cache_dir):
     stale_excl = locks / ("7" * 40 + f".qtk.lock{EXCL_SUFFIX}")
     stale_excl.write_text(json.dumps({"host": "node-9", "pid": 1, "id": "x"}))
     _age(stale_excl, 1)
+    set_aside = locks / ("7" * 40 + f".qtk.lock{EXCL_SUFFIX}.broken-0a1b2c")  # a take-over that crashed midway
+    set_aside.write_text("{}")
+    _age(set_aside, 1)
     held_path = locks / ("8" * 40 + ".qtk.lock")
     held = Locker().try_acquire(held_path)
     try:
         dry = json.loads(qtk("cache", "prune", "--dry-run", "--json").stdout)
         planned = {Path(a["path"]) for a in dry["removed"]}
         expected = {old_part, old_part.with_name(old_part.name + ".state.json"), hf_incomplete, unref_old, orphan,
-                    free_lock, stale_excl}
+                    free_lock, stale_excl, set_aside}
         assert expected <= planned
         keep = {part, unref_new, held_path, *(p for p in (repo / "blobs").iterdir() if p.name in (
             _sha(FILES["config.json"]),))}

@@ -203,9 +203,19 @@ class Lock:
                 os.close(self.fd)
             self.fd = -1
             return
-        if not self.lost and _owned(self.path, self.token):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        if self.lost:
+            return
+        # rename aside first (atomic), so that a lock another process created meanwhile is never removed
+        aside = self.path.with_name(f"{self.path.name}.released-{secrets.token_hex(6)}")
+        try:
+            os.rename(self.path, aside)
+        except OSError:
+            return
+        if not _owned(aside, self.token):
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
 
     @property
     def released(self) -> bool:

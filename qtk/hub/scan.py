@@ -344,6 +344,9 @@ def _prune_locks(cache_dir: Path, now: float) -> list[PruneAction]:
     for p in sorted(locks.glob("*/*.qtk.lock")):
         if not is_locked(p):
             out.append(PruneAction("lock", p, 0, "no process holds it"))
+    for p in sorted(locks.glob(f"*/*.qtk.lock{EXCL_SUFFIX}.*")):  # set aside by a take-over that crashed midway
+        if _age(p, now) >= GRACE_S:
+            out.append(PruneAction("lock", p, 0, "left over from an interrupted lock take-over"))
     for p in sorted(locks.glob(f"*/*.qtk.lock{EXCL_SUFFIX}")):
         info = holder_info(p) or {}
         age = _age(p, now)
@@ -384,7 +387,7 @@ def prune_cache(cache_dir: Path, *, dry_run: bool = False, partials_older_than: 
         return actions
     done = []
     for a in actions:
-        if a.kind == "lock" and not a.path.name.endswith(EXCL_SUFFIX):
+        if a.kind == "lock" and a.path.name.endswith(".qtk.lock"):
             lock = Locker().try_acquire(a.path)  # unlink while holding it: a waiter re-checks the inode
             if lock is None:
                 continue
@@ -392,7 +395,7 @@ def prune_cache(cache_dir: Path, *, dry_run: bool = False, partials_older_than: 
                 a.path.unlink()
             finally:
                 lock.release()
-        elif a.kind == "lock":
+        elif a.kind == "lock" and a.path.name.endswith(EXCL_SUFFIX):
             info = holder_info(a.path) or {}
             with contextlib.suppress(OSError):
                 if not Locker._break(a.path, info.get("id"), a.path.stat().st_ino):
