@@ -67,3 +67,15 @@ def test_bad_tls_and_proxy_options(qtk, tmp_path, args, words):
     args = [str(tmp_path / a) if a in ("KEY", "CERT") else a for a in args]
     r = qtk("serve", str(tmp_path / "KEY").rsplit("/", 1)[0], "--port", "0", *args)
     assert r.exit_code != 0 and words in r.stderr, r.stderr
+
+
+def test_exposure_warnings(qtk, tmp_path):
+    write_plain_repo(tmp_path, "acme/m", {"a.txt": b"a"})
+    access = tmp_path / "acme" / "m" / "access.toml"
+    access.write_text('[repos."acme/m"]\nprivate = true\n')
+    r = qtk("serve", str(tmp_path), "--host", "0.0.0.0", "--access", str(access), "--index")
+    assert r.exit_code == 0, r.stderr
+    assert "clear text" in r.stderr and "inside the served directory" in r.stderr
+    r = qtk("serve", str(tmp_path), "--host", "0.0.0.0", "--index")
+    assert "without --access" in r.stderr
+    assert "Warning" not in qtk("serve", str(tmp_path), "--index").stderr

@@ -278,6 +278,8 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
     access = service.read_access(access_file)
     tls = service.tls_context(tls_cert, tls_key) if tls_cert else None
     store = service.open_store(directory, index_dir=index_dir, access=access)
+    for warning in service.exposure_warnings(directory, host, access_file, tls is not None):
+        out.warn(warning)
     server = None
     if not index_only:  # bind first: a taken port fails before minutes of hashing
         server = service.make_server(store, host, port, access=access, access_log=access_log, tls=tls,

@@ -4,6 +4,7 @@ TLS, and the server's limits. The CLI command (``qtk/cli/hub.py``) is a thin wra
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from .app import MirrorAuth, MirrorServer, load_auth
 from .hashindex import HashIndex, default_index_dir
 from .store import MirrorStore
 
-__all__ = ["ServeOptions", "open_store", "tls_context", "make_server", "log_to_stderr"]
+__all__ = ["ServeOptions", "exposure_warnings", "open_store", "tls_context", "make_server", "log_to_stderr", "read_access"]
 
 INDEX_FILE = "hash-index.sqlite"
 
@@ -78,6 +79,24 @@ def make_server(store: MirrorStore, host: str, port: int, *, access: MirrorAuth 
     except OSError as exc:
         raise errors.UsageError(f"Cannot listen on {host}:{port}: {exc.strerror}.",
                                 hint="Pick another --port (or 0 for a free one).") from exc
+
+
+def exposure_warnings(directory: Path, host: str, access_file: Path | None, tls: bool) -> list[str]:
+    """What an operator should hear before the mirror goes on a network."""
+    out = []
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if not loopback and access_file is None:
+        out.append(f"Listening on {host} without --access: every repo in {directory} is public to anyone who "
+                   "can reach this port.")
+    if not loopback and access_file is not None and not tls:
+        out.append("Tokens travel in clear text over plain HTTP: use --tls-cert/--tls-key, or a TLS proxy "
+                   "(--trusted-proxy).")
+    if access_file is not None:
+        real, root = os.path.realpath(access_file), os.path.realpath(directory)
+        if real.startswith(root.rstrip(os.sep) + os.sep):
+            out.append(f"The access file {access_file} is inside the served directory: it is never listed or "
+                       "served, but keep it elsewhere.")
+    return out
 
 
 def read_access(path: Path | None) -> MirrorAuth | None:
