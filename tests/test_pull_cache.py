@@ -406,3 +406,32 @@ def test_a_blob_linked_into_huggingface_hubs_shared_store_is_adopted(qtk, evil, 
     record = json.loads((_repo_dir(cache_dir) / ".qtk" / "verified" / blob.name).read_text())
     assert record["source"] == "adopted" and record["ino"] == store.stat().st_ino
     assert blob.is_symlink()  # left as huggingface_hub made it
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(oid=st.one_of(st.text(max_size=80), st.from_regex(r"[0-9a-fA-F./]{38,66}", fullmatch=True)),
+       commit=st.one_of(st.text(max_size=60), st.from_regex(r"[0-9a-f./]{38,42}", fullmatch=True)),
+       path=st.text(min_size=1, max_size=40))
+def test_no_name_leaves_the_repo_folder(tmp_path_factory, oid, commit, path):
+    """Whatever a server sends as oid, commit and path: either refused (UnsafePathError) or a path inside
+    the repo folder."""
+    from qtk.hub.cache import CacheTarget, RemoteFile
+    from qtk.hub.download import _check_names
+
+    cache = Path("/nonexistent/cache")
+    target = CacheTarget(cache, "acme/dupes")
+    f = RemoteFile(path, 1, oid, lfs=len(oid) == 64)
+    try:
+        _check_names([f])
+        dests = [target.blob_path(f), target.part_path(f), target.lock_path(f), target.visible_path(commit, f),
+                 target.marker_path(f.oid)]
+    except errors.UnsafePathError:
+        return
+    for d in dests:
+        assert os.path.normpath(d) == str(d)  # no '..' left to resolve
+        assert str(d).startswith(str(cache) + "/")
+    assert target.blob_path(f).parent == target.repo_dir / "blobs"
+    assert target.root(commit) in target.visible_path(commit, f).parents
