@@ -225,29 +225,43 @@ def _snapshot_links(repo_dir: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+HASH_WORKERS = 4
+
+
 def verify_cache(cache_dir: Path, repo_ids: tuple[str, ...] = (), *, repair: bool = False, settings=None,
                  progress=None) -> VerifyReport:
-    """Re-hash every blob a snapshot links to (sha256 for 64-hex names, git blob sha1 for 40-hex names).
-    Good blobs get qtk's verified record; with ``repair``, bad ones are removed and fetched again."""
-    report = VerifyReport()
+    """Re-hash every blob a snapshot links to (sha256 for 64-hex names, git blob sha1 for 40-hex names),
+    a few blobs at a time. Good blobs get qtk's verified record; with ``repair``, bad ones are removed
+    and fetched again."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cache_dir = Path(cache_dir)
+    todo = []
     for repo in list_cache(cache_dir, repo_ids).repos:
         target = CacheTarget(cache_dir, repo.repo_id, repo.repo_type)
         for oid, paths in sorted(_snapshot_links(repo.repo_path).items()):
             blob = repo.repo_path / "blobs" / oid
-            if not is_oid(oid) or not blob.exists():
-                continue  # not a content-named blob, or a broken link (hf cache ls warns about those)
-            size = blob.stat().st_size
-            f = RemoteFile(paths[0][1], size, oid, lfs=len(oid) == 64)
-            if progress is not None:
-                progress(f"{repo.repo_id}: {paths[0][1]} ({size} bytes)")
-            actual = digest_file(blob, f.digest, size)
-            report.bytes_hashed += size
-            check = BlobCheck(repo.repo_id, repo.repo_type, blob, oid, actual == oid, paths, actual)
-            report.checked.append(check)
-            if check.ok:
-                with contextlib.suppress(OSError):
-                    target._mark(f, os.stat(blob), adopted=True)
+            if is_oid(oid) and blob.exists():  # else: not content-named, or a broken link (hf cache ls warns)
+                todo.append((repo, target, oid, paths, blob))
+
+    def check(item) -> BlobCheck:
+        repo, target, oid, paths, blob = item
+        st = os.stat(blob)  # before hashing: a record must describe the bytes that were hashed
+        f = RemoteFile(paths[0][1], st.st_size, oid, lfs=len(oid) == 64)
+        if progress is not None:
+            progress(f"{repo.repo_id}: {paths[0][1]} ({st.st_size} bytes)")
+        actual = digest_file(blob, f.digest, st.st_size)
+        if actual == oid:
+            with contextlib.suppress(OSError):
+                target._mark(f, st, adopted=True)
+        return BlobCheck(repo.repo_id, repo.repo_type, blob, oid, actual == oid, paths, actual)
+
+    report = VerifyReport()
+    workers = max(1, min(HASH_WORKERS, os.cpu_count() or 1, len(todo)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtk-verify") as pool:
+        for c in pool.map(check, todo):
+            report.checked.append(c)
+            report.bytes_hashed += c.blob.stat().st_size if c.blob.exists() else 0
     if repair and report.bad:
         _repair(cache_dir, report, settings)
     return report
