@@ -110,7 +110,7 @@ def build_hostile_store(base: Path) -> tuple[Path, Path]:
 
 
 def raw_request(port: int, target: bytes | str, *, method: str = "GET", headers: dict[str, str] | None = None,
-                timeout: float = 10.0) -> tuple[int, http.client.HTTPMessage, bytes]:
+                timeout: float = 10.0, body: bytes = b"") -> tuple[int, http.client.HTTPMessage, bytes]:
     """Send the request target verbatim (no client-side normalisation) and read one response.
     Raises if the server drops the connection without answering."""
     if isinstance(target, str):
@@ -118,7 +118,7 @@ def raw_request(port: int, target: bytes | str, *, method: str = "GET", headers:
     lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1:%d" % port, b"Connection: close"]
     lines += [f"{k}: {v}".encode("latin-1") for k, v in (headers or {}).items()]
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+        sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         resp = http.client.HTTPResponse(sock, method=method)
         resp.begin()
         body = resp.read()

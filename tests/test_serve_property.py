@@ -23,7 +23,7 @@ TOKENS = [
     "acme", "ACME", "Acme", "internal", "INTERNAL", "public", "gated", "foo", "secret", "cached-private",
     "acme2", "mixed", "dup", "model", "outside", "x.txt", "secret.txt", "data.txt", "weights.bin",
     "access.toml", "link.toml", "hardlink.toml", "escape.txt", "abs.txt", "outdir", "etc", "passwd", "fifo",
-    "api", "models", "datasets", "resolve", "tree", "revision", "main", "v1", "blobs", "snapshots", "refs",
+    "api", "models", "datasets", "resolve", "tree", "revision", "paths-info", "main", "v1", "blobs", "snapshots", "refs",
     ".qtk-provision", "builds", "k1", "model.safetensors", ".git", "config", ".cache",
     "models--acme--cached-private", ".", "..", "", "%2e", "%2E", "%2e%2e", "%2E%2E", "%2f", "%2F", "..%2F",
     "%252e%252e", "%252F", "%00", "%0d%0a", "%0A", "%5c", "\\", "%C3%A9", "%E6%97%A5", "%FF", "%C3%28", "~",
@@ -36,6 +36,10 @@ segments = st.one_of(st.sampled_from(TOKENS), st.text(alphabet=st.characters(min
                                                       max_size=8))
 targets = st.builds(lambda segs, q: "/" + "/".join(segs) + q, st.lists(segments, min_size=1, max_size=9),
                     st.sampled_from(QUERIES))
+api_targets = st.builds(lambda kind, ns, name, route, rev: f"/api/{kind}/{ns}/{name}/{route}/{rev}",
+                        st.sampled_from(["models", "datasets", "Models"]), st.sampled_from(TOKENS[:20] + ["%2e%2e"]),
+                        st.sampled_from(TOKENS[:20] + ["%2e"]), st.sampled_from(["paths-info", "tree", "revision"]),
+                        st.sampled_from(["main", "v1", "%2e%2e", "refs%2Fpr%2F1"]))
 raw_targets = st.binary(min_size=1, max_size=60).map(lambda b: b"/" + b.replace(b" ", b"%20").replace(b"\r", b"")
                                                      .replace(b"\n", b""))
 
@@ -49,9 +53,16 @@ def hostile(tmp_path_factory):
     srv.server_close()
 
 
-def _check(srv, target, method, token=None):
+BODIES = [b"paths=secret.txt&paths=x.txt", b"paths=..%2F..%2Foutside%2Fx.txt", b"paths=access.toml",
+          b'{"paths": ["secret.txt", "data.txt", "../x.txt"]}', b"\xff\xfe", b""]
+
+
+def _check(srv, target, method, token=None, body=b""):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method == "POST":
+        headers |= {"Content-Length": str(len(body)), "Content-Type": "application/x-www-form-urlencoded"}
     status, hdrs, body = raw_request(srv.server_address[1], target, method=method,  # raises on a dropped connection
-                                     headers={"Authorization": f"Bearer {token}"} if token else None)
+                                     headers=headers, body=body if method == "POST" else b"")
     assert 100 <= status < 600
     for marker in SECRETS:
         assert marker not in body, (target, marker, status)
@@ -61,9 +72,10 @@ def _check(srv, target, method, token=None):
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(target=targets, method=st.sampled_from(["GET", "HEAD"]), token=st.sampled_from([None, BOB, "hf_unknown"]))
-def test_composed_targets_never_leak_or_drop(hostile, target, method, token):
-    _check(hostile, target, method, token)
+@given(target=st.one_of(targets, api_targets), method=st.sampled_from(["GET", "HEAD", "POST"]), token=st.sampled_from([None, BOB, "hf_unknown"]),
+       body=st.sampled_from(BODIES))
+def test_composed_targets_never_leak_or_drop(hostile, target, method, token, body):
+    _check(hostile, target, method, token, body)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -262,3 +262,40 @@ def test_unexpected_exception_is_a_logged_json_500(hostile, monkeypatch, caplog)
     got, hdrs, body = raw_request(hostile.server_address[1], "/api/models/acme/public")
     assert got == 500 and hdrs["X-Error-Code"] == "InternalError" and json.loads(body)["error"]
     assert hostile.errors_500 == before + 1
+
+
+def _post(srv, target, body: bytes, token=None, content_type="application/x-www-form-urlencoded"):
+    return raw_request(srv.server_address[1], target, method="POST",
+                       headers={**auth_header(token), "Content-Type": content_type,
+                                "Content-Length": str(len(body))}, body=body)
+
+
+@pytest.mark.parametrize("target,body,token,status", [
+    ("/api/models/acme/internal/paths-info/main", b"paths=secret.txt", ANON, 401),
+    ("/api/models/acme/internal/paths-info/main", b"paths=secret.txt", B, 404),
+    ("/api/models/ACME/Internal/paths-info/main", b"paths=secret.txt", A, 200),
+    ("/api/models/acme/public/paths-info/main", b"paths=..%2Finternal%2Fsecret.txt", ANON, 400),
+    ("/api/models/acme/public/paths-info/main", b"paths=access.toml&paths=.git%2Fconfig&paths=escape.txt", A, 200),
+    ("/api/models/acme/public/paths-info/main", b"paths=%FF", ANON, 400),
+    ("/api/models/acme/public/paths-info/main", b"", ANON, 413),
+    ("/api/models/acme/public/paths-info/main", b"paths=a" * 40000, ANON, 413),
+    ("/api/models/acme%2Finternal/%2E/paths-info/main", b"paths=secret.txt", ANON, 400),
+    ("/api/datasets/foo/secret/paths-info/main", b"paths=data.txt", ANON, 401),
+    ("/acme/public/resolve/main/config.json", b"x", ANON, 405),
+])
+def test_paths_info_asks_the_same_question(hostile, target, body, token, status):
+    got, hdrs, data = _post(hostile, target, body, token)
+    assert got == status, (target, got, data[:200])
+    for marker in SECRETS:
+        assert marker not in data
+    if got == 200 and b"access" in body:
+        assert json.loads(data) == []  # hidden entries do not exist, even by exact name
+
+
+def test_paths_info_answers_files_and_folders(hostile):
+    got, _, data = _post(hostile, "/api/models/acme/public/paths-info/main",
+                         json.dumps({"paths": ["sub", "config.json", "nope"]}).encode(), content_type="application/json")
+    assert got == 200
+    assert [(e["type"], e["path"]) for e in json.loads(data)] == [("directory", "sub"), ("file", "config.json")]
+    got, _, _ = raw_request(hostile.server_address[1], "/api/models/acme/public/paths-info/main")
+    assert got == 405  # GET on the POST route

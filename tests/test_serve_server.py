@@ -244,6 +244,17 @@ def test_huggingface_hub_snapshot_download_gated_and_private(guarded, tmp_path):
         snapshot_download("ACME/SECRET-LLAMA", cache_dir=tmp_path / "f", endpoint=srv.url, token=False)
 
 
+def test_huggingface_hub_paths_info(guarded):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    srv, r = guarded
+    (info,) = HfApi(endpoint=srv.url, token=ALICE).get_paths_info("acme/secret-llama", ["config.json", "missing"])
+    assert info.path == "config.json" and info.size == (r / "acme/secret-llama/config.json").stat().st_size
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=srv.url, token=BOB).get_paths_info("acme/secret-llama", ["config.json"])
+
+
 @pytest.mark.slow
 def test_transformers_from_pretrained_private_through_the_mirror(guarded, tmp_path):
     pytest.importorskip("transformers")

@@ -1,10 +1,11 @@
 """A Hub-compatible HTTP server over a :class:`MirrorStore`: the subset of the Hub API that
 huggingface_hub (``snapshot_download``, ``hf_hub_download``, ``HfApi``), transformers and qtk use.
 
-Routes (GET and HEAD; anything else is 405)::
+Routes (GET and HEAD, and the one POST, paths-info; anything else is 405)::
 
     GET  /api/{models,datasets}/{ns}/{name}[/revision/{rev}]     repo info (id, sha, siblings)
     GET  /api/{models,datasets}/{ns}/{name}/tree/{rev}[/{path}]  ?recursive=&cursor= (paginated, Link)
+    POST /api/{models,datasets}/{ns}/{name}/paths-info/{rev}     paths=...&paths=... (form or JSON)
     HEAD/GET /{ns}/{name}/resolve/{rev}/{path}                   bytes, Range, ETag, X-Repo-Commit
     HEAD/GET /datasets/{ns}/{name}/resolve/{rev}/{path}
     GET  /api/whoami-v2
@@ -40,7 +41,7 @@ from urllib.parse import quote
 from ... import __version__, errors
 from ..names import is_repo_id
 from .hashindex import file_key
-from .request import MirrorRequest, Rejected, parse_target, safe_header
+from .request import MAX_BODY, MirrorRequest, Rejected, parse_paths_body, parse_target, safe_header
 from .server import PooledHTTPServer, PooledRequestHandler
 from .store import MirrorStore, RepoEntry, RepoRevision, StoredFile
 
@@ -300,7 +301,19 @@ class MirrorHandler(PooledRequestHandler):
         self.close_connection = True
         self._send_error(Rejected(405, "MethodNotAllowed", "This mirror is read-only: GET and HEAD only."), False)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def do_POST(self) -> None:
+        """Only ``/api/{models,datasets}/{ns}/{name}/paths-info/{rev}`` (the Hub's, for huggingface_hub's
+        get_paths_info): the same parser and the same access question as every other route."""
+        self.close_connection = True
+        try:
+            req = parse_target(self.path)
+        except Rejected as exc:
+            return self._send_error(exc, False)
+        if req.route != "paths-info":
+            return self._not_allowed()
+        self._dispatch(head=False)
 
     def _dispatch(self, head: bool) -> None:
         self.server.count(request=True)
@@ -311,7 +324,9 @@ class MirrorHandler(PooledRequestHandler):
             self.req = req = parse_target(self.path)
             if req.route == "whoami":
                 return self._whoami(head)
-            if req.route in ("info", "tree"):
+            if req.route in ("info", "tree", "paths-info"):
+                if (req.route == "paths-info") != (self.command == "POST"):
+                    return self._not_allowed()
                 return self._api(req, head)
             segs = [*req.repo_id.split("/"), "resolve", req.revision, *req.path.split("/")]
             return self._resolve(req.repo_type, segs, head)
@@ -424,7 +439,26 @@ class MirrorHandler(PooledRequestHandler):
         snap = self._revision(entry, req.revision)
         if req.route == "info":
             return self._repo_info(entry, snap)
+        if req.route == "paths-info":
+            return self._paths_info(snap)
         return self._tree(snap, req)
+
+    def _paths_info(self, snap: RepoRevision) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            raise Rejected(411, "BadRequest", "paths-info needs a Content-Length body.") from None
+        if not 0 < length <= MAX_BODY:
+            raise Rejected(413, "BadRequest", f"paths-info body must be 1 to {MAX_BODY} bytes.")
+        paths = parse_paths_body(self.read_body(length), self.headers.get("Content-Type", ""))
+        entries, dirs = [], {p.rsplit("/", 1)[0] for p in snap.files if "/" in p}
+        dirs |= {d.rsplit("/", i)[0] for d in dirs for i in range(1, d.count("/") + 1)}
+        for p in dict.fromkeys(paths):
+            if p in snap.files:
+                entries.append(snap.files[p].tree_entry())
+            elif p in dirs:
+                entries.append({"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p})
+        self._send_json(entries)
 
     def _repo_info(self, entry: RepoEntry, snap: RepoRevision) -> None:
         policy = self.server.auth.policy(entry.key)

@@ -15,20 +15,22 @@ What it guarantees to the routes (everything else is refused with :class:`Reject
 * the file path (resolve, tree) is the decoded segments joined with ``/`` and must be a clean relative
   repo path (:func:`~qtk.hub.names.is_repo_path`: no empty, ``.`` or ``..`` part). huggingface_hub sends a
   tree path as one segment with ``%2F``; both spellings give the same validated path;
-* query: at most 16 fields, strict UTF-8, ``cursor`` a non-negative integer.
+* query: at most 16 fields, strict UTF-8, ``cursor`` a non-negative integer;
+* a paths-info body (the one POST): at most 256 KiB and 1,000 paths, each a clean repo path.
 
 The parser never touches the filesystem: the path it returns is only a key into the store's listing.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from ..names import is_ref_name, is_repo_id, is_repo_path
 
-__all__ = ["MAX_TARGET", "Rejected", "MirrorRequest", "parse_target", "safe_header"]
+__all__ = ["MAX_TARGET", "Rejected", "MirrorRequest", "parse_target", "parse_paths_body", "safe_header"]
 
 MAX_TARGET = 8192
 MAX_QUERY_FIELDS = 16
@@ -53,7 +55,7 @@ def _bad(what: str) -> Rejected:
 
 @dataclass(frozen=True)
 class MirrorRequest:
-    """A validated request. ``route`` is one of ``whoami``, ``info``, ``tree``, ``resolve``."""
+    """A validated request. ``route`` is one of ``whoami``, ``info``, ``tree``, ``paths-info``, ``resolve``."""
 
     route: str
     repo_type: str = "model"
@@ -159,10 +161,37 @@ def _api_route(repo_type: str, rest: list[str], query: dict[str, str]) -> Mirror
         return MirrorRequest("info", repo_type, repo_id, "main", "", query)
     if tail[0] == "revision" and len(tail) == 2:
         return MirrorRequest("info", repo_type, repo_id, _revision(tail[1]), "", query)
+    if tail[0] == "paths-info" and len(tail) == 2:
+        return MirrorRequest("paths-info", repo_type, repo_id, _revision(tail[1]), "", query)
     if tail[0] == "tree" and len(tail) >= 2:
         return MirrorRequest("tree", repo_type, repo_id, _revision(tail[1]),
                              _repo_path(tail[2:], allow_empty=True), query)
     raise Rejected(404, "NotFound", "No such route on this mirror.")
+
+
+MAX_BODY = 256 * 1024
+MAX_PATHS = 1000
+
+
+def parse_paths_body(body: bytes, content_type: str) -> list[str]:
+    """The ``paths`` of a paths-info POST (form-encoded as huggingface_hub sends it, or JSON), validated."""
+    try:
+        text = body.decode("utf-8")
+        if content_type.split(";")[0].strip().lower() == "application/json":
+            doc = json.loads(text)
+            paths = doc.get("paths") if isinstance(doc, dict) else None
+            paths = [paths] if isinstance(paths, str) else paths
+        else:
+            paths = [v for k, v in parse_qsl(text, keep_blank_values=True, errors="strict",
+                                             max_num_fields=MAX_PATHS + 8) if k == "paths"]
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("the paths-info body is not valid form data or JSON") from None
+    if not isinstance(paths, list) or not paths or len(paths) > MAX_PATHS:
+        raise _bad(f"paths-info takes 1 to {MAX_PATHS} paths")
+    for p in paths:
+        if not isinstance(p, str) or not is_repo_path(p.strip("/")) or _BAD_CHARS.search(p):
+            raise Rejected(400, "BadRequest", "Bad request: invalid file path (empty, '.', '..' or control characters).")
+    return [p.strip("/") for p in paths]
 
 
 def safe_header(text: str, limit: int = 300) -> str:

@@ -75,7 +75,7 @@ class PooledRequestHandler(BaseHTTPRequestHandler):
     """BaseHTTPRequestHandler for one request whose head has already been read by the event loop."""
 
     def __init__(self, conn: Connection, server: "PooledHTTPServer", head: bytes) -> None:
-        self._head = head
+        self._head, self._conn = head, conn
         self.request, self.client_address, self.server = conn.sock, conn.addr, server
         self.setup()
         try:
@@ -94,6 +94,19 @@ class PooledRequestHandler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         pass
+
+    def read_body(self, n: int) -> bytes:
+        """The request body's ``n`` bytes: what the event loop already read past the head, then the socket
+        (each read bounded by the connection's timeout)."""
+        buf = self._conn.buf
+        data = bytearray(buf[:n])
+        del buf[:n]
+        while len(data) < n:
+            chunk = self.connection.recv(min(65536, n - len(data)))
+            if not chunk:
+                raise ConnectionResetError("client closed before sending its body")
+            data += chunk
+        return bytes(data)
 
 
 class PooledHTTPServer:
