@@ -119,6 +119,7 @@ class EndpointFaults:
     stall_s: float = 30.0
     drop: dict[str, int] = field(default_factory=dict)  # connection closed without an answer
     tree_self_link: bool = False  # every tree page says its next page is itself
+    ignore_range: bool = False  # files the endpoint serves itself come whole (200) whatever the Range
     mu: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -150,6 +151,8 @@ class EndpointHandler(FaultyHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return None
+        if f.ignore_range and "Range" in self.headers:
+            del self.headers["Range"]
         return super()._dispatch(head)
 
     def send_header(self, keyword: str, value: str) -> None:

@@ -19,7 +19,8 @@ from qtk.hub._retry import RetryPolicy, parse_retry_after
 from qtk.hub.download import plan_pull, pull
 from qtk.settings import Settings
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 
 
 # ------------------------------------------------------------------------------------ range sizing
@@ -28,14 +29,14 @@ MiB = 1024 * 1024
 @pytest.mark.parametrize(
     "size,connections,chunk,ranges",
     [
-        (160_000_000, 16, 3 * MiB, 51),  # was 10 x 16 MiB: 6 of 16 connections idle
-        (100_000_000, 16, 2 * MiB, 48),
-        (300_000_000, 16, 5 * MiB, 58),
+        (160_000_000, 16, 39 * 64 * KiB, 63),  # was 10 x 16 MiB: 6 of 16 connections idle
+        (100_000_000, 16, 3 * MiB, 32),  # two full rounds
+        (300_000_000, 16, 72 * 64 * KiB, 64),  # four full rounds
         (1024 * MiB, 16, 16 * MiB, 64),
         (10_000_000_000, 16, 64 * MiB, 150),  # ceiling
         (3 * MiB, 16, 2 * MiB, 2),  # floor
         (0, 16, 2 * MiB, 0),
-        (160_000_000, 1, 39 * MiB, 4),
+        (160_000_000, 1, 611 * 64 * KiB, 4),
     ],
 )
 def test_range_size_table(size, connections, chunk, ranges):
@@ -47,10 +48,12 @@ def test_range_size_table(size, connections, chunk, ranges):
 @given(size=st.integers(0, 2**40), connections=st.integers(1, 64))
 def test_every_connection_gets_work(size, connections):
     cs = chunk_size_for(size, connections)
-    assert MIN_CHUNK <= cs <= MAX_CHUNK and cs % MiB == 0
+    assert MIN_CHUNK <= cs <= MAX_CHUNK and cs % (64 * KiB) == 0
     n = -(-size // cs)
     if size >= connections * MIN_CHUNK and cs < MAX_CHUNK:
-        assert n >= connections  # no idle connection on one big file
+        assert n >= connections - 1  # no idle connection on one big file
+        rounds = -(-n // connections)
+        assert n / (rounds * connections) >= 0.9  # and the last round is (nearly) full
 
 
 # ------------------------------------------------------------------------- state across range sizes
@@ -90,6 +93,27 @@ def test_state_mapped_onto_other_ranges_never_claims_unwritten_bytes(size, old_c
         n = _fetch._prefix_covered(spans, s, e)
         assert 0 <= n <= e - s
         assert all(b in written for b in range(s, s + n, 4096))
+    # the layout a resume picks reuses every recorded byte
+    chosen = _fetch._resume_layout(spans, size, new_cs, old_cs)
+    assert chosen in (new_cs, old_cs)
+    assert _fetch._layout_keeps(spans, size, chosen) == sum(e - s for s, e in spans)
+
+
+@pytest.mark.parametrize(
+    "recorded,done,partial,wanted,expect",
+    [
+        (16 * MiB, [0, 1], {2: 5 * MiB}, 2 * MiB, 2 * MiB),  # one contiguous head: the new ranges keep it all
+        (16 * MiB, [0], {2: 5 * MiB}, 3 * MiB, 16 * MiB),  # a partial after a gap: only its own layout keeps it
+        (2 * MiB, [0, 1, 2], {}, 16 * MiB, 16 * MiB),
+        (2 * MiB, [0, 2], {}, 16 * MiB, 2 * MiB),
+        (1024, [0], {}, 2 * MiB, 2 * MiB),  # a hand-made state with tiny ranges is never adopted
+    ],
+)
+def test_resume_layout(recorded, done, partial, wanted, expect):
+    size = 100 * MiB
+    state = {"chunk_size": recorded, "boot_id": _fetch._boot_id(), "done": done,
+             "partial": {str(k): v for k, v in partial.items()}}
+    assert _fetch._resume_layout(_fetch._covered(state, size), size, wanted, recorded) == expect
 
 
 @pytest.mark.parametrize(
@@ -168,6 +192,7 @@ def test_parse_retry_after(value, seconds):
     assert parse_retry_after(value, now=NOW) == seconds
 
 
+@settings(deadline=None)  # a loaded CI machine must not fail a test about correctness
 @given(st.text(max_size=60))
 def test_parse_retry_after_never_raises(value):
     got = parse_retry_after(value, now=NOW)
@@ -226,15 +251,15 @@ def test_public_url(url, shown, origin):
     assert public_url(url, path=False) == origin
 
 
+@settings(deadline=None)
 @given(user=st.from_regex(r"[A-Za-z0-9._~-]{1,12}", fullmatch=True),
        pw=st.from_regex(r"[A-Za-z0-9._~!$&'()*+,;=-]{6,20}", fullmatch=True),
        port=st.integers(1, 65535))
 def test_credentials_never_survive(user, pw, port):
     url = f"http://{user}:{pw}@127.0.0.1:{port}/api/models/a/b"
-    text = f"Could not reach {url}: refused; see {url}?x=1"
-    assert pw not in public_url(url) and f"{user}:" not in public_url(url)
-    assert pw not in public_text(text) and f"{user}:{pw}@" not in public_text(text)
-    assert "127.0.0.1" in public_text(text)
+    clean = f"http://127.0.0.1:{port}/api/models/a/b"
+    assert public_url(url) == clean
+    assert public_text(f"Could not reach {url}: refused; see {url}?x=1") == f"Could not reach {clean}: refused; see {clean}?x=1"
 
 
 def test_time_is_not_frozen():

@@ -21,7 +21,7 @@ from qtk.hub.download import plan_pull, pull
 from qtk.hub.mirror.app import RepoPolicy
 from qtk.settings import Settings
 
-BIG = 64 * 1024 * 1024 + 4321  # 33 ranges of 2 MiB at 16 connections
+BIG = 64 * 1024 * 1024 + 4321  # 32 ranges of ~2 MiB at 16 connections
 SMALL = 5 * 1024 * 1024 + 17  # LFS (.bin), 3 ranges of 2 MiB
 
 
@@ -30,6 +30,8 @@ def topo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("topology")
     write_plain_repo(root, "acme/cdn-gated", {"config.json": b'{"cdn": true}\n', "model.safetensors": rand(BIG, 11)})
     write_plain_repo(root, "acme/cdn-small", {"config.json": b"{}\n", "weights.bin": rand(SMALL, 12)})
+    # not LFS (a text file under 10 MB): the endpoint serves it itself, in 3 ranges
+    write_plain_repo(root, "acme/plain", {"notes.txt": rand(SMALL, 13).hex().encode()[:SMALL]})
     return root
 
 
@@ -183,6 +185,18 @@ def test_a_cdn_that_ignores_range_is_streamed_whole(topo, topo_root, qtk, connec
     assert {e.status for e in topo.cdn.log} == {200}
     # at most one whole-file body per connection that asked for a range, plus the one stream
     assert len(list(topo.cdn.log)) <= min(connections, 3) + 1
+
+
+@pytest.mark.parametrize("connections", [1, 16])
+def test_an_endpoint_that_ignores_range_is_streamed_whole(topo, topo_root, qtk, connections):
+    """The probe: "re-run with --connections 1" led to the same error. Now any --connections works."""
+    topo.endpoint.endpoint_faults.ignore_range = True
+    r = qtk("pull", "acme/plain", "--connections", str(connections), "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (Path(doc["path"]) / "notes.txt").read_bytes() == (topo_root / "acme/plain/notes.txt").read_bytes()
+    gets = [e for e in topo.endpoint.log if e.method == "GET" and e.path.endswith("/notes.txt")]
+    assert 1 <= len(gets) <= min(connections, 3) + 1
 
 
 def test_token_never_printed_and_never_sent_to_the_cdn_through_the_cli(topo, qtk, monkeypatch):
