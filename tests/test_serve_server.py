@@ -117,6 +117,41 @@ def test_full_pool_answers_503_with_retry_after(root):
         stop(srv)
 
 
+def test_a_client_that_reads_too_slowly_is_cut(root):
+    import threading
+
+    srv = start(root, workers=1, io_timeout=1.0)
+    port = srv.server_address[1]
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    got, stop_reading = [0], threading.Event()
+
+    def trickle():  # ~2 KiB/s, under the 8 KiB/s floor, while holding the only worker
+        s.settimeout(5)
+        while not stop_reading.wait(0.25):
+            try:
+                chunk = s.recv(512)
+            except OSError:
+                return
+            if not chunk:
+                return
+            got[0] += len(chunk)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    try:
+        s.sendall(b"GET /acme/m/resolve/main/big.safetensors HTTP/1.1\r\nHost: x\r\n\r\n")
+        t.start()
+        time.sleep(0.5)
+        # the only worker is freed by the cut: a second client is answered while the slow one still reads
+        assert raw_request(port, "/acme/m/resolve/main/config.json", timeout=60)[0] == 200
+        assert got[0] < len(BIG)
+    finally:
+        stop_reading.set()
+        t.join()
+        s.close()
+        stop(srv)
+
+
 def test_connection_limit_answers_503(root):
     srv = start(root, max_connections=16)
     port = srv.server_address[1]

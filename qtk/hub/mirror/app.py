@@ -50,6 +50,7 @@ __all__ = ["MirrorAuth", "MirrorUser", "MirrorServer", "MirrorHandler", "RepoPol
 log = logging.getLogger("qtk.mirror")
 
 TREE_PAGE_SIZE = 1000
+MIN_RATE = 8 * 1024  # bytes/s a client must read, averaged over each timeout window, while a body is sent
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
@@ -594,32 +595,38 @@ class MirrorHandler(PooledRequestHandler):
 
     def send_bytes(self, fd: int, offset: int, count: int, f: StoredFile) -> None:
         """Copy ``count`` bytes from ``fd`` at ``offset`` to the client: ``sendfile`` (no copies in Python),
-        waiting for the socket with the connection's timeout; under TLS, read + ``sendall``."""
+        waiting for the socket with the connection's timeout; under TLS, read + ``sendall``. A client that
+        reads slower than ``MIN_RATE`` over a whole timeout window is cut (it would hold a worker)."""
         sock = self.connection
-        if isinstance(sock, ssl.SSLSocket):
-            while count > 0:
-                data = os.pread(fd, min(count, 1024 * 1024), offset)
+        timeout = sock.gettimeout() or 60.0
+        window_end, window_bytes = time.monotonic() + timeout, 0
+        out = sock.fileno()
+        tls = isinstance(sock, ssl.SSLSocket)
+        while count > 0:
+            if tls:
+                data = os.pread(fd, min(count, 256 * 1024), offset)
                 if not data:
                     raise BrokenPipeError("file shrank while being sent")
-                sock.sendall(data)
-                offset += len(data)
-                count -= len(data)
-                self.server.count(len(data))
-            return
-        timeout = sock.gettimeout()
-        out = sock.fileno()
-        while count > 0:
-            try:
-                sent = os.sendfile(out, fd, offset, min(count, 8 * 1024 * 1024))
-            except (BlockingIOError, InterruptedError):
-                if not select.select([], [out], [], timeout)[1]:
-                    raise TimeoutError("client stopped reading") from None
-                continue
-            if sent == 0:
-                raise BrokenPipeError
+                sock.sendall(data)  # bounded by the socket timeout as a whole
+                sent = len(data)
+            else:
+                try:
+                    sent = os.sendfile(out, fd, offset, min(count, 8 * 1024 * 1024))
+                except (BlockingIOError, InterruptedError):
+                    if not _writable(out, timeout):
+                        raise TimeoutError("client stopped reading") from None
+                    sent = 0
+                else:
+                    if sent == 0:
+                        raise BrokenPipeError("file shrank while being sent")
             offset += sent
             count -= sent
+            window_bytes += sent
             self.server.count(sent)
+            if time.monotonic() > window_end:
+                if window_bytes < MIN_RATE * timeout:
+                    raise TimeoutError("client reads too slowly")
+                window_end, window_bytes = time.monotonic() + timeout, 0
 
     def reset_connection(self) -> None:
         """Abort with a TCP RST (SO_LINGER 0), as a dropped connection looks to a client."""
@@ -628,6 +635,12 @@ class MirrorHandler(PooledRequestHandler):
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.close()
+
+
+def _writable(fd: int, timeout: float) -> bool:
+    poller = select.poll()  # not select(): descriptors above 1024 are normal with thousands of connections
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
