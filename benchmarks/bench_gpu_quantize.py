@@ -143,7 +143,7 @@ def run_qtk(src: Path, out: Path, method: str, args) -> dict:
         return {"error": f"exit {code}", "stderr_tail": stderr[-4000:], "wall_s": wall}
     prov = json.loads(stdout)
     return {"wall_s": wall, "quantize_s": prov.get("quantize_s"), "cpu_s": ru.ru_utime + ru.ru_stime,
-            "peak_vram_bytes": prov.get("peak_vram_bytes"), "peak_rss_bytes": ru.ru_maxrss * 1024,
+            "peak_vram_bytes": prov.get("peak_vram_bytes"), "peak_rss_bytes": prov.get("peak_rss_bytes"),
             "method_details": prov.get("method_details", {}), "device": prov.get("device")}
 
 

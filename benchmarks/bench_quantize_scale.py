@@ -13,8 +13,8 @@ held-out perplexity vs BF16; with --stock-layers N, AWQ through GPTQModel's stoc
 (QTK_AWQ_SEARCH=stock) and through qtk's, plus GPTQ, on the first N real layers, back to back, so
 the per-layer cost of each is measured in one run (the stock path takes > 10 min on all 30 layers).
 
-memory: random-weight Llama checkpoints at SmolLM2's width (hidden 576) and the given depths (and
-with --big a Llama-3.2-1B shape), built here (no download); peak RSS of each method per depth, the
+memory: random-weight Llama checkpoints at SmolLM2's width (hidden 576) and the given depths, at Llama-3.2-1B's width (hidden 2048) at
+--wide-layers depths (and with --big the full Llama-3.2-1B shape), built here (no download); peak RSS of each method per depth, the
 growth per layer against one layer's BF16 size, and the planner's prediction (qtk.plan.quantize_memory)
 against the measurement.
 """
@@ -40,7 +40,10 @@ CACHE = Path(os.environ.get("QTK_TEST_CACHE", ROOT / ".qtk-test-cache"))
 
 def run_qtk(src: Path, out: Path, method: str, *, group_size: int, samples: int, seq_len: int,
             env_extra: dict | None = None) -> dict:
-    """One `qtk quantize` in a fresh process: wall s, CPU s (user+sys), peak RSS (kernel), provenance."""
+    """One `qtk quantize` in a fresh process: wall s, CPU s (user+sys), peak RSS, provenance details.
+
+    Peak RSS is the process's own VmHWM (qtk's provenance): wait4's ru_maxrss would also count the
+    parent's pages shared into the child between fork and exec."""
     cmd = [PY, "-m", "qtk", "quantize", str(src), "--method", method, "--group-size", str(group_size),
            "--samples", str(samples), "--seq-len", str(seq_len), "--calibration", "chat", "--device", "cpu",
            "-o", str(out), "--json"]
@@ -58,7 +61,7 @@ def run_qtk(src: Path, out: Path, method: str, *, group_size: int, samples: int,
         raise RuntimeError(f"qtk quantize {method} on {src.name} exited {p.returncode}:\n{stderr[-3000:]}")
     prov = json.loads(stdout)
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "quantize_s": prov.get("quantize_s"),
-            "peak_rss_bytes": ru.ru_maxrss * 1024, "method_details": prov.get("method_details", {})}
+            "peak_rss_bytes": prov.get("peak_rss_bytes"), "method_details": prov.get("method_details", {})}
 
 
 def perplexity(path: Path, ids: list[int], window: int = 256) -> float:
@@ -165,6 +168,9 @@ def speed(args) -> dict:
 
 SMOL_WIDTH = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                   vocab_size=49152, tie_word_embeddings=True)
+# Llama-3.2-1B's width (a layer is 121 MB in BF16: the growth per layer stands out of the noise), small vocab
+WIDE = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+            vocab_size=49152, tie_word_embeddings=True)
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
                 vocab_size=128256, tie_word_embeddings=True, num_hidden_layers=16)
 
@@ -219,6 +225,7 @@ def memory(args) -> dict:
     tok_src = build_bf16_checkpoint(CACHE / "smollm2-135m-bf16")
     work = Path(tempfile.mkdtemp(prefix="qtk-bench-mem-"))
     models = [(f"smol-width-{n}L", n, SMOL_WIDTH) for n in args.layers]
+    models += [(f"wide-{n}L", n, WIDE) for n in args.wide_layers]
     if args.big:
         models.append(("llama-1B-shape", LLAMA_1B["num_hidden_layers"], LLAMA_1B))
     report = {**machine(), "calibration": {"samples": args.samples, "seq_len": args.seq_len}, "runs": []}
@@ -244,13 +251,14 @@ def memory(args) -> dict:
                 args.json.write_text(json.dumps(report, indent=2))
     # growth per extra layer (SmolLM2 width), per method, vs one layer's BF16 bytes
     growth = {}
-    for method in args.methods:
-        pts = sorted((r["layers"], r["peak_rss_bytes"], r["layer_bf16_bytes"]) for r in report["runs"]
-                     if r["method"] == method and r["model"].startswith("smol-width"))
-        if len(pts) >= 2:
-            (l0, m0, lb), (l1, m1, _) = pts[0], pts[-1]
-            growth[method] = {"bytes_per_layer": (m1 - m0) / (l1 - l0), "layer_bf16_bytes": lb,
-                              "fraction_of_a_layer": (m1 - m0) / (l1 - l0) / lb}
+    for family in ("smol-width", "wide"):
+        for method in args.methods:
+            pts = sorted((r["layers"], r["peak_rss_bytes"], r["layer_bf16_bytes"]) for r in report["runs"]
+                         if r["method"] == method and r["model"].startswith(family + "-"))
+            if len(pts) >= 2:
+                (l0, m0, lb), (l1, m1, _) = pts[0], pts[-1]
+                growth[f"{family}/{method}"] = {"bytes_per_layer": (m1 - m0) / (l1 - l0), "layer_bf16_bytes": lb,
+                                                "fraction_of_a_layer": (m1 - m0) / (l1 - l0) / lb}
     report["growth_per_layer"] = growth
     print(json.dumps(growth, indent=1))
     shutil.rmtree(work, ignore_errors=True)
@@ -268,6 +276,7 @@ def main() -> None:
     m = sub.add_parser("memory")
     m.add_argument("--methods", nargs="+", default=["nf4", "gptq", "awq"])
     m.add_argument("--layers", nargs="+", type=int, default=[8, 16, 32])
+    m.add_argument("--wide-layers", nargs="*", type=int, default=[2, 6], help="depths at Llama-1B's width")
     m.add_argument("--big", action="store_true", help="add a Llama-3.2-1B shape (2.5 GB BF16)")
     for p, samples, seq in ((s, 16, 256), (m, 8, 256)):
         p.add_argument("--samples", type=int, default=samples)

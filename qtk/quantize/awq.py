@@ -21,7 +21,7 @@ import os
 
 from ._awq_clip import fast_clip_search
 from .base import Method, QuantizeOptions, RunContext
-from .gptq import calibration_rows, forward_batch, gptqmodel_logs_elsewhere, prepare_gptqmodel_env, seed_everything
+from .gptq import forward_batch, gptqmodel_logs_elsewhere, prepare_gptqmodel_env, quantize_resumable, seed_everything
 
 __all__ = ["AWQ"]
 
@@ -54,7 +54,7 @@ class AWQ(Method):
         with gptqmodel_logs_elsewhere(), fast_clip_search(not stock, warn=notes.append) as clip_search:
             for note in notes:
                 logging.getLogger("qtk").warning(note)
-            model.quantize(calibration_rows(ctx), batch_size=batch, backend=backend)
+            details = quantize_resumable(ctx, model, "awq", batch_size=batch, backend=backend)
         model.save(str(ctx.out))
-        return {"awq_clip_search": clip_search, "forward_batch": batch,
+        return {**details, "awq_clip_search": clip_search, "forward_batch": batch,
                 **({"awq_clip_search_note": notes[0]} if notes else {})}

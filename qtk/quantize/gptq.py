@@ -65,6 +65,27 @@ def forward_batch(ctx: RunContext, tokens_per_forward: int = 8192) -> int:
     return max(1, min(n, tokens_per_forward // max(ctx.options.seq_len, 1)))
 
 
+def quantize_resumable(ctx: RunContext, model, method: str, **kwargs) -> dict:
+    """``model.quantize(calibration, **kwargs)`` with GPTQModel's per-layer checkpoint under
+    ``ctx.work_dir`` (see :mod:`qtk.quantize._resume`); returns the resume details for provenance."""
+    from ._resume import checkpointing, discard
+
+    rows = calibration_rows(ctx)
+    with checkpointing(ctx, model, method) as (checkpoint, details):
+        try:
+            model.quantize(rows, checkpoint=checkpoint, **kwargs) if checkpoint else model.quantize(rows, **kwargs)
+        except Exception as exc:  # GPTQModel's own identity check refused the checkpoint: start afresh once
+            from gptqmodel.looper.checkpoint_store import CheckpointError
+
+            if checkpoint is None or not isinstance(exc, CheckpointError) or "identity" not in str(exc):
+                raise
+            discard(ctx)
+            details = {"resume": f"discarded (gptqmodel: {exc})"}
+            with checkpointing(ctx, model, method) as (checkpoint, _):
+                model.quantize(rows, checkpoint=checkpoint, **kwargs)
+    return details
+
+
 def calibration_rows(ctx: RunContext) -> list[dict]:
     assert ctx.samples is not None
     return [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in ctx.samples.input_ids]
@@ -83,7 +104,7 @@ class GPTQ(Method):
         return {"quant_method": "gptq", "bits": options.bits, "group_size": options.group_size,
                 "desc_act": options.desc_act, "sym": self.sym(options), "checkpoint_format": "gptq"}
 
-    def run(self, ctx: RunContext) -> None:
+    def run(self, ctx: RunContext) -> dict:
         prepare_gptqmodel_env()
         from gptqmodel import GPTQConfig, GPTQModel
 
@@ -92,5 +113,7 @@ class GPTQ(Method):
         seed_everything(o.seed)
         model = GPTQModel.load(str(ctx.model.path), cfg, device=ctx.device)
         with gptqmodel_logs_elsewhere():
-            model.quantize(calibration_rows(ctx), batch_size=1)
+            # batch 1: GPTQ's Hessian sums depend on the batching (not byte-identical across batch sizes)
+            details = quantize_resumable(ctx, model, "gptq", batch_size=1)
         model.save(str(ctx.out))
+        return details
