@@ -2,8 +2,8 @@
 
 huggingface_hub 2.x's shared httpx client has no timeout (``timeout=None``): ``repo_info`` waits
 forever on a stalled server, and its tree listing follows ``Link: rel="next"`` without remembering
-where it has been (a page that links to itself is requested forever). qtk keeps huggingface_hub's
-client, headers, error classification and dataclasses, and adds per request:
+where it has been (a page that links to itself is requested forever). qtk sends the same requests
+on huggingface_hub's client, with its headers and its error classification, and adds per request:
 
 * connect/read timeouts (:class:`~qtk.hub._retry.RetryPolicy`: ``HF_HUB_ETAG_TIMEOUT`` if set);
 * retries on timeouts, connection errors, 429 and 5xx, honouring ``Retry-After`` up to a cap;
@@ -22,6 +22,7 @@ from urllib.parse import quote
 from .. import __version__, errors
 from ._errors import HubContext, public_url
 from ._retry import RETRY_STATUS, RetryPolicy, parse_retry_after
+from .cache import RemoteFile
 
 __all__ = ["repo_commit", "list_repo_files", "check_file_access", "call_with_retries"]
 
@@ -69,44 +70,75 @@ def call_with_retries(what: str, call: Callable[[], T], policy: RetryPolicy, ctx
     raise AssertionError("unreachable")
 
 
-def repo_commit(api, repo_id: str, repo_type: str, revision: str | None, token: str | None,
+def _get_json(url: str, params: dict | None, headers: dict, what: str, policy: RetryPolicy, ctx: HubContext):
+    """GET ``url`` on huggingface_hub's client (its errors, its headers), bounded and retried."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    def get():
+        r = get_session().get(url, params=params, headers=headers, timeout=_timeout(policy))
+        hf_raise_for_status(r)
+        return r
+
+    return call_with_retries(what, get, policy, ctx)
+
+
+def _headers(token: str | None) -> dict:
+    from huggingface_hub.utils import build_hf_headers
+
+    return build_hf_headers(token=token or False, library_name="qtk", library_version=__version__)
+
+
+def repo_commit(endpoint: str, repo_id: str, repo_type: str, revision: str | None, token: str | None,
                 policy: RetryPolicy, ctx: HubContext) -> str:
-    """The commit sha ``revision`` points to now (repo info)."""
-    info = call_with_retries(
-        f"Reading the repo info of {repo_id}",
-        lambda: api.repo_info(repo_id, repo_type=repo_type, revision=revision, token=token or False,
-                              timeout=_timeout(policy)),
-        policy, ctx,
-    )
-    if not info.sha:
+    """The commit sha ``revision`` points to now: huggingface_hub's repo-info request
+    (``HfApi.repo_info``'s URL), without importing ``HfApi`` (0.3 s of ``qtk pull``'s start-up)."""
+    url = f"{endpoint}/api/{repo_type}s/{repo_id}"
+    if revision is not None:
+        url += f"/revision/{quote(revision, safe='')}"
+    r = _get_json(url, None, _headers(token), f"Reading the repo info of {repo_id}", policy, ctx)
+    info = r.json()
+    sha = info.get("sha") if isinstance(info, dict) else None
+    if not isinstance(sha, str) or not sha:
         raise errors.RevisionNotFoundError(
             f"{ctx.shown_endpoint} did not return a commit for {repo_id}@{revision or 'main'}."
         )
-    return info.sha
+    return sha
+
+
+def _remote_file(e: dict, ctx: HubContext, repo_id: str) -> RemoteFile:
+    """A tree entry of type "file" as qtk's ``RemoteFile`` (LFS files are named by their sha256)."""
+    size, oid, lfs = e.get("size"), e.get("oid"), e.get("lfs")
+    if lfs is not None:
+        if not isinstance(lfs, dict) or lfs.get("size", size) != size:
+            raise _bad_entry(ctx, repo_id, e, "an LFS pointer that does not match the file")
+        oid = lfs.get("oid")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(oid, str):
+        raise _bad_entry(ctx, repo_id, e, "no valid size and oid")
+    return RemoteFile(e["path"], size, oid, lfs=lfs is not None)
+
+
+def _bad_entry(ctx: HubContext, repo_id: str, e: dict, why: str) -> errors.NetworkError:
+    return errors.NetworkError(
+        f"{ctx.shown_endpoint} listed {str(e.get('path'))[:200]!r} of {repo_id} with {why}.",
+        hint="Nothing was downloaded. The server's listing is broken; report it to its operators.",
+    )
 
 
 def list_repo_files(endpoint: str, repo_id: str, repo_type: str, commit: str, token: str | None,
-                    policy: RetryPolicy, ctx: HubContext) -> list:
-    """Every file (huggingface_hub ``RepoFile``) of the repo at ``commit``, following the pages."""
-    from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+                    policy: RetryPolicy, ctx: HubContext) -> list[RemoteFile]:
+    """Every file of the repo at ``commit`` (huggingface_hub's tree request), following the pages."""
+    import httpx2
 
-    headers = build_hf_headers(token=token or False, library_name="qtk", library_version=__version__)
+    headers = _headers(token)
     url: str | None = f"{endpoint}/api/{repo_type}s/{repo_id}/tree/{quote(commit, safe='')}"
     params: dict | None = {"recursive": True, "expand": False}
     requested: set[str] = set()
     seen: dict[str, dict] = {}
-    files = []
+    files: list[RemoteFile] = []
     page = stale = 0
     while url is not None:
         page += 1
-
-        def get(url=url, params=params):
-            r = get_session().get(url, params=params, headers=headers, timeout=_timeout(policy))
-            hf_raise_for_status(r)
-            return r
-
-        r = call_with_retries(f"Listing the files of {repo_id} (page {page})", get, policy, ctx)
+        r = _get_json(url, params, headers, f"Listing the files of {repo_id} (page {page})", policy, ctx)
         requested.add(str(r.request.url))
         entries = r.json()
         if not isinstance(entries, list):
@@ -129,14 +161,12 @@ def list_repo_files(endpoint: str, repo_id: str, repo_type: str, commit: str, to
             seen[path] = e
             new += 1
             if e.get("type") == "file":
-                files.append(RepoFile(**e))
+                files.append(_remote_file(e, ctx, repo_id))
         stale = 0 if new else stale + 1
         if stale >= MAX_PAGES_WITHOUT_NEWS:
             raise _loop(ctx, repo_id, page, f"{stale} pages in a row listed nothing new")
         nxt = r.links.get("next", {}).get("url")
         if nxt is not None:
-            import httpx2
-
             nxt = str(r.request.url.join(nxt))
             if nxt in requested or str(httpx2.URL(nxt)) in requested:
                 raise _loop(ctx, repo_id, page, f"the next-page link points back to {public_url(nxt)}")

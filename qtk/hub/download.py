@@ -270,18 +270,14 @@ def plan_pull(
     if settings.offline:
         return _plan_offline(settings, target, repo_id, repo_type, revision, include, exclude, chunk_size, verify)
 
-    from huggingface_hub import HfApi
-
     token = get_token(settings)
     tok = token.value if token else None
     ctx = HubContext(settings.endpoint, repo_id, revision or "main", has_token=tok is not None)
-    api = HfApi(endpoint=settings.endpoint, library_name="qtk", library_version=__version__)
     policy = retry or RetryPolicy.from_env()  # every metadata request: timeouts, retries, Retry-After (capped)
     with map_hub_errors(ctx):
-        commit = repo_commit(api, repo_id, repo_type, revision, tok, policy, ctx)
+        commit = repo_commit(settings.endpoint, repo_id, repo_type, revision, tok, policy, ctx)
         check_commit_sha(commit, what=f"commit sha {ctx.shown_endpoint} gave for {repo_id}@{revision or 'main'}")
-        entries = list_repo_files(settings.endpoint, repo_id, repo_type, commit, tok, policy, ctx)
-        files = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else e.blob_id, lfs=e.lfs is not None) for e in entries]
+        files = list_repo_files(settings.endpoint, repo_id, repo_type, commit, tok, policy, ctx)
     selected = _select(files, include, exclude)
     if not selected:
         raise _nothing_matched(repo_id, include, exclude, (f.path for f in files))
