@@ -44,16 +44,18 @@ __all__ = ["PooledHTTPServer", "PooledRequestHandler", "Connection"]
 log = logging.getLogger("qtk.mirror")
 
 _HEAD_END = b"\r\n\r\n"
+LINGER_S = 2.0
 
 
 class Connection:
-    __slots__ = ("sock", "addr", "buf", "deadline", "handshaking", "registered", "served")
+    __slots__ = ("sock", "addr", "buf", "deadline", "handshaking", "registered", "served", "lingering")
 
     def __init__(self, sock: socket.socket, addr, deadline: float, handshaking: bool) -> None:
         self.sock, self.addr, self.deadline, self.handshaking = sock, addr, deadline, handshaking
         self.buf = bytearray()
         self.registered = False
         self.served = 0
+        self.lingering = False  # answered and closing: drain what the client still sends, then close
 
 
 def _canned(status: int, reason: str, code: str, message: str, retry_after: int | None = None) -> bytes:
@@ -250,6 +252,8 @@ class PooledHTTPServer:
 
     def _on_io(self, sel, conn: Connection) -> None:
         sock = conn.sock
+        if conn.lingering:
+            return self._drain(sel, conn)
         if conn.handshaking:
             try:
                 sock.do_handshake()
@@ -284,11 +288,11 @@ class PooledHTTPServer:
         if end < 0:
             if len(conn.buf) > self.max_header_bytes:
                 self._unregister(sel, conn)
-                self._refuse_conn(conn, HEAD_TOO_LARGE)
+                self._refuse_conn(conn, HEAD_TOO_LARGE, sel)
             return
         if end + 4 > self.max_header_bytes:
             self._unregister(sel, conn)
-            return self._refuse_conn(conn, HEAD_TOO_LARGE)
+            return self._refuse_conn(conn, HEAD_TOO_LARGE, sel)
         head = bytes(conn.buf[: end + 4])
         del conn.buf[: end + 4]
         self._unregister(sel, conn)
@@ -296,7 +300,33 @@ class PooledHTTPServer:
             self._ready.put_nowait((conn, head))
         except queue.Full:
             self.rejected_busy += 1
-            self._refuse_conn(conn, BUSY)
+            self._refuse_conn(conn, BUSY, sel)
+
+    def _linger(self, sel, conn: Connection) -> None:
+        """Close after a final response without a reset: stop sending, read and discard what the client
+        still sends (an unread body would make close() send an RST that can destroy the response in
+        flight), close at EOF or after ``LINGER_S``."""
+        if isinstance(conn.sock, ssl.SSLSocket) or conn.sock.fileno() < 0:
+            return self._close(conn)
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self._close(conn)
+        conn.lingering, conn.deadline = True, time.monotonic() + LINGER_S
+        conn.buf.clear()
+        self._register(sel, conn, selectors.EVENT_READ)
+
+    def _drain(self, sel, conn: Connection) -> None:
+        for _ in range(16):
+            try:
+                if not conn.sock.recv(65536):
+                    return self._drop(sel, conn)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self._drop(sel, conn)
+        return self._drop(sel, conn)  # still sending after 1 MiB: enough
 
     def _take_returns(self, sel) -> None:
         while True:
@@ -306,6 +336,9 @@ class PooledHTTPServer:
                 return
             if self._shutdown:
                 self._close(conn)
+                continue
+            if conn.lingering:
+                self._linger(sel, conn)
                 continue
             conn.deadline = time.monotonic() + (self.idle_timeout if not conn.buf else self.header_timeout)
             try:
@@ -329,8 +362,8 @@ class PooledHTTPServer:
             late = [c for c in self._conns if c.registered and c.deadline < now]
         for c in late:
             self._unregister(sel, c)
-            if c.buf and not c.handshaking:
-                self._refuse_conn(c, HEAD_TIMEOUT)  # a request head started but never finished
+            if c.buf and not c.handshaking and not c.lingering:
+                self._refuse_conn(c, HEAD_TIMEOUT, sel)  # a request head started but never finished
             else:
                 self._close(c)
 
@@ -341,10 +374,12 @@ class PooledHTTPServer:
         with contextlib.suppress(OSError):
             sock.close()
 
-    def _refuse_conn(self, conn: Connection, response: bytes) -> None:
+    def _refuse_conn(self, conn: Connection, response: bytes, sel=None) -> None:
         if not conn.handshaking:
             with contextlib.suppress(OSError, ValueError, ssl.SSLError):
                 conn.sock.send(response)
+        if sel is not None and not conn.handshaking:
+            return self._linger(sel, conn)
         self._close(conn)
 
     def _drop(self, sel, conn: Connection) -> None:
@@ -373,11 +408,10 @@ class PooledHTTPServer:
                 conn.served += 1
             except Exception:  # noqa: BLE001 - one connection's failure never stops a worker
                 log.exception("unhandled error while serving %s", conn.addr)
-            if keep:
-                self._returns.append(conn)
-                self._wake()
-            else:
-                self._close(conn)
+            if not keep:
+                conn.lingering = True  # closed by the loop, after a drain
+            self._returns.append(conn)
+            self._wake()
 
 
 def _fd_budget(wanted: int) -> int:
