@@ -79,9 +79,9 @@ def env(upstream, monkeypatch, hf_env):
 
 
 def events(store: Path, run: str | None = None) -> list[dict]:
-    lines = (store / ".qtk-provision" / "events.jsonl").read_text().splitlines()
-    evs = [json.loads(x) for x in lines]
-    return [e for e in evs if run is None or e["run"] == run]
+    from qtk.provision import ProvisionStore
+
+    return [e for e in ProvisionStore(store).events() if run is None or e["run"] == run]
 
 
 def started(evs: list[dict], step: str) -> list[str]:
@@ -229,7 +229,7 @@ def test_kill_mid_step_then_rerun_is_consistent(env, qtk, tmp_path):
     try:
         builds = store / ".qtk-provision" / "builds"
         while time.monotonic() < deadline:  # kill -9 while GPTQ is writing its output (a temporary dir)
-            if builds.is_dir() and list(builds.glob(".*.qtk-tmp-*")):
+            if builds.is_dir() and list(builds.glob(".*.build/.*.qtk-tmp-*")):
                 break
             assert p.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
             time.sleep(0.1)
@@ -242,11 +242,12 @@ def test_kill_mid_step_then_rerun_is_consistent(env, qtk, tmp_path):
         if p.poll() is None:
             p.kill()
     assert not (store / "qtk" / "smol-gptq").exists()  # nothing half-published
-    assert list(builds.glob(".*.qtk-tmp-*"))  # the killed run's half-written output, under a temporary name
+    # the killed run's half-written output, in the key's workspace, owned by the killed run's lease
+    assert list(builds.glob(".*.build/.*.qtk-tmp-*"))
     assert not [b for b in builds.iterdir() if not b.name.startswith(".")]  # no build under its final name
 
     code, s = run_json(qtk, m)
-    assert code == 0, s
+    assert code == 0, (s["model_errors"], [a["error"] for a in s["artifacts"]])
     assert s["artifacts"][0]["steps"]["quantize"] == "done"
     assert_consistent(store)
     assert not list(builds.glob(".*"))  # the killed run's temporary was cleaned up
@@ -301,7 +302,7 @@ def test_disk_too_small_refused_before_anything(env, qtk, tmp_path, monkeypatch)
     assert r.exit_code == 40, r.stderr
     assert "Nothing was started" in r.stderr
     assert env.bytes_sent - sent < 10_000  # config.json alone (the memory plan), no weights
-    assert not (tmp_path / "store" / ".qtk-provision" / "events.jsonl").exists()  # no step ran
+    assert not list((tmp_path / "store" / ".qtk-provision").glob("events*/*"))  # no step ran
 
 
 def test_unreachable_endpoint_and_auth_errors_as_pull(qtk, tmp_path, monkeypatch, hub):

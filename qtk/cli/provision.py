@@ -93,18 +93,22 @@ def _memory_table(summary) -> Table:
 @click.option("--no-prune", is_flag=True, help="Keep every published version (default: the current and previous one).")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Also write the JSON summary to FILE (atomically), whatever the output mode.")
+@click.option("--shard", metavar="I/N", default=None, envvar="QTK_SHARD",
+              help="Provision only shard I (0-based) of N: a deterministic split of the (model, recipe) pairs "
+                   "for Kubernetes Indexed Jobs and Slurm arrays [env QTK_SHARD].")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the backends' output here instead of in STORE/.qtk-provision/logs/ (one file per step).")
 @json_option
 @quiet_option
-def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_prune, summary_json, verbose) -> None:
+def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_prune, summary_json, shard,
+            verbose) -> None:
     """Provision the models in MANIFEST into the model store.
 
     For each model: pull the selected files (resumable, hash-verified, into the HF cache), quantize
     each recipe, verify it against the source (perplexity, KL, smoke), apply the gates, and publish
     the ones that pass as STORE/<org>/<model>-<recipe> with qtk_provenance.json, qtk_verify_report.json
     and qtk_provision.json. Every step is keyed by the hash of its inputs: a re-run skips what is done,
-    a changed recipe redoes only that recipe's steps. Events: STORE/.qtk-provision/events.jsonl.
+    a changed recipe redoes only that recipe's steps. Events: STORE/.qtk-provision/events/<run>.jsonl.
 
     \b
     Examples:
@@ -113,16 +117,18 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
       qtk serve STORE   # nodes: HF_ENDPOINT=http://host:port qtk pull qtk/<model>-gptq
     """
     from ..provision import ProvisionOptions, load_manifest, provision
+    from ..provision.shard import parse_shard
 
     out = get_output()
+    shard_ix = parse_shard(shard) if shard is not None else None
     m = load_manifest(manifest, store=store)
     opts = ProvisionOptions(dry_run=dry_run, keep_going=keep_going, lock_timeout=lock_timeout, only=tuple(only),
-                            push=push, prune=not no_prune, backend_output=verbose)
+                            push=push, prune=not no_prune, backend_output=verbose, shard=shard_ix)
 
     def on_event(e: dict) -> None:
         if e["result"] in ("start", "error", "waiting") or e["step"] == "gate" or e["result"] == "done" and e["step"] == "pull":
             what = e.get("artifact") or e["model"]
-            extra = ""
+            extra = f" ({e['reason']})" if e.get("reason") and e["result"] == "start" else ""
             if e["step"] == "gate":
                 mt = e.get("metrics") or {}
                 extra = f" (ppl {mt.get('ppl_increase_pct', 0):+.1f}%, KLD {_fmt(mt.get('kld_mean'), '.3f')})"
@@ -146,6 +152,11 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
         if dry_run:
             out.err.print(_memory_table(summary))
         out.err.print(_summary_table(summary))
+        if dry_run:  # what each step would do, and why
+            for r in summary.rows:
+                why = "; ".join(f"{s} {r.steps[s]} ({r.reasons[s]})" for s in ("quantize", "verify", "publish")
+                                if s in r.reasons)
+                out.err.print(f"  {r.repo_id}: {why}", markup=False, highlight=False, soft_wrap=True)
         for r in summary.rows:
             if r.error:
                 out.err.print(f"[bold red]{r.repo_id}[/bold red]: {errors.redact(r.error['message'])}"
@@ -155,7 +166,7 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
                           + (f"\n  [dim]Hint:[/dim] {errors.redact(e['hint'])}" if e.get("hint") else ""))
         if not dry_run:
             out.info(f"{summary.bytes_downloaded / 1e6:.1f} MB downloaded in {summary.seconds:.0f} s; "
-                     f"events: {summary.store / '.qtk-provision' / 'events.jsonl'}")
+                     f"events: {summary.store / '.qtk-provision' / 'events' / (summary.run_id + '.jsonl')}")
         out.result(str(summary.store))
     if code:
         raise click.exceptions.Exit(code)

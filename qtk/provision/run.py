@@ -1,11 +1,15 @@
 """``qtk provision``: manifest -> pull -> quantize -> verify -> gate -> publish, idempotently.
 
-Every step is addressed by the hash of its inputs:
+Every step is addressed by the hash of its inputs (:mod:`qtk.provision.keys`):
 
-    source    = repo, pinned commit, the selected files' hashes (from the Hub's tree listing)
-    quantize  = source + method + every quantize option (defaults filled in) + the calibration set's sha256
-    verify    = quantize + reference source + verify options + the evaluation text's sha256
+    quantize  = the selected source files' content ids (LFS sha256 / git oids; not the commit) + the
+                options the method reads (the registry) + the calibration set's digest + the toolchain
+                (qtk, backend, transformers, torch versions, device class)
+    verify    = quantize + reference files + verify options + the evaluation text's digest + toolchain
     publish   = quantize + verify + the gates + the published repo name
+
+Each row carries the reason every step runs or not (``new``, ``changed input config.json``,
+``changed toolchain: torch A -> B``, ``cached``), against the inputs its record kept from the last build.
 
 A step whose result exists under its key is skipped, so a re-run does nothing; a changed recipe
 parameter changes the quantize key (and with it verify and publish) of that recipe only; a changed
@@ -19,10 +23,11 @@ stops after the plan.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -33,16 +38,12 @@ from .. import __version__, errors
 from .._stdio import output_to_file
 from ..settings import Settings
 from .manifest import Manifest, ModelSpec, Recipe
+from .keys import KEY_VERSION, StepInputs, key_of, diff_inputs, hub_dataset_digest, toolchain
 from .store import ProvisionStore, now_iso
 
 __all__ = ["ProvisionOptions", "ArtifactRow", "Summary", "provision", "STEPS"]
 
 STEPS = ("pull", "quantize", "verify", "gate", "publish")
-_KEY_LEN = 24
-
-
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:_KEY_LEN]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ProvisionOptions:
     push: bool | None = None  # override every model's publish.push_to_hub
     prune: bool = True  # remove published versions that neither the current nor the previous one is
     backend_output: bool = False  # True: backends print to this terminal; False: to a log file per step
+    shard: tuple[int, int] | None = None  # (I, N): only this shard's artifacts (qtk.provision.shard)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ArtifactRow:
     source: str = ""  # repo@commit
     steps: dict = field(default_factory=lambda: {s: "-" for s in STEPS})
     keys: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)  # step -> why it runs or is skipped (new, changed input X, cached)
     metrics: dict = field(default_factory=dict)
     gate_failures: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)
@@ -94,6 +97,7 @@ class Summary:
     disk: dict = field(default_factory=dict)
     bytes_downloaded: int = 0
     seconds: float = 0.0
+    shard: str | None = None  # "I/N" when this run provisioned one shard of the manifest
 
     @property
     def exit_code(self) -> int:
@@ -106,7 +110,7 @@ class Summary:
         return 0
 
     def to_dict(self) -> dict:
-        return {"run_id": self.run_id, "store": str(self.store), "dry_run": self.dry_run,
+        return {"run_id": self.run_id, "store": str(self.store), "dry_run": self.dry_run, "shard": self.shard,
                 "exit_code": self.exit_code, "seconds": round(self.seconds, 2),
                 "bytes_downloaded": self.bytes_downloaded, "disk": self.disk,
                 "artifacts": [r.to_dict() for r in self.rows], "model_errors": self.model_errors}
@@ -160,11 +164,15 @@ class Provisioner:
     # -- inputs -----------------------------------------------------------------------------------
 
     def _text_digest(self, spec: str, text_field: str | None) -> str:
+        """The digest of a text set; an ``hf://`` dataset's from its metadata only (no download)."""
         k = (spec, text_field)
         if k not in self._digests:
-            from ..texts import load_texts
+            if spec.startswith("hf://datasets/"):
+                self._digests[k] = hub_dataset_digest(spec, text_field, self.settings)
+            else:
+                from ..texts import load_texts
 
-            self._digests[k] = load_texts(spec, text_field=text_field, settings=self.settings).sha256
+                self._digests[k] = load_texts(spec, text_field=text_field, settings=self.settings).sha256
         return self._digests[k]
 
     def _inputs(self, spec: ModelSpec, recipe: Recipe, source: dict) -> dict:
@@ -179,17 +187,20 @@ class Provisioner:
         reads = {"method", *method_spec(recipe.method).reads}
         qparams = {k: v for k, v in q.to_dict().items() if k in reads}
         cal = self._text_digest(q.calibration, q.text_field) if "calibration" in reads else None
-        qkey = _key({"v": 1, "source": source, "params": qparams, "calibration_sha256": cal})
+        tools = toolchain(getattr(method, "distribution", None), self.device)
+        qin = StepInputs(dict(source.get("files", ())), qparams, cal, tools)
+        qkey = qin.key()
         v = VerifyOptions(**spec.verify, device=self.m.device)
         vparams = {k: getattr(v, k) for k in ("text", "text_field", "ctx", "max_tokens", "smoke", "max_new_tokens",
                                               "temperature", "top_p", "seed")}
-        vkey = _key({"v": 1, "quantize": qkey, "reference": source, "params": vparams,
-                     "text_sha256": self._text_digest(v.text, v.text_field)})
+        vkey = key_of({"v": KEY_VERSION, "quantize": qkey, "reference": qin.files, "params": vparams,
+                     "text_sha256": self._text_digest(v.text, v.text_field), "toolchain": tools})
         gates = Gates(**recipe.gates)
         repo_id = spec.artifact_repo(recipe)
-        pkey = _key({"v": 1, "quantize": qkey, "verify": vkey, "gates": asdict(gates), "repo": repo_id})
+        pkey = key_of({"v": 1, "quantize": qkey, "verify": vkey, "gates": asdict(gates), "repo": repo_id})
         return {"qopts": q, "vopts": v, "gates": gates, "keys": {"quantize": qkey, "verify": vkey, "publish": pkey},
-                "calibration_sha256": cal, "gates_set": {k: v for k, v in asdict(gates).items() if v not in (None, False)}}
+                "quantize_inputs": qin, "calibration_sha256": cal,
+                "gates_set": {k: v for k, v in asdict(gates).items() if v not in (None, False)}}
 
     def _memory(self, shape, recipe_opts, ctx: int) -> dict:
         from ..plan import FORMATS, GB, device_capacity, inference_memory, quantize_memory, quantized_format, weight_bytes
@@ -220,6 +231,7 @@ class Provisioner:
 
         p = plan_pull(spec.repo, revision=spec.revision, include=spec.include, exclude=spec.exclude,
                       settings=self.settings)
+        # the commit is provenance, not an input: the keys hash the selected files' content ids
         source = {"repo": spec.repo, "commit": p.commit,
                   "files": sorted([f.file.path, f.file.oid] for f in p.files)}
         shape = None
@@ -254,11 +266,20 @@ class Provisioner:
         for _r, row, inputs in mp.artifacts:
             k = inputs["keys"]
             row.steps["pull"] = pull_state
-            row.steps["quantize"] = "done" if (self.store.build_dir(k["quantize"]) / PROVENANCE_FILE).is_file() else "to run"
+            row.reasons["pull"] = f"{len(p.missing)} of {len(p.files)} files to fetch" if p.missing else "cached"
+            built = (self.store.build_dir(k["quantize"]) / PROVENANCE_FILE).is_file()
+            row.steps["quantize"] = "done" if built else "to run"
+            rec = self.store.record(row.repo_id) or {}
+            row.reasons["quantize"] = "cached" if built else "; ".join(
+                diff_inputs(StepInputs.from_dict(rec.get("quantize_inputs")), inputs["quantize_inputs"]))
             rep = self.store.read_json(self.store.report_path(k["verify"]))
             row.steps["verify"] = "done" if rep else "to run"
+            row.reasons["verify"] = "cached" if rep else ("after quantize" if not built else "changed verify input")
             row.steps["gate"] = "to check"
-            row.steps["publish"] = "done" if self.store.published_key(row.repo_id) == k["publish"] else "to run"
+            published = self.store.published_key(row.repo_id) == k["publish"]
+            row.steps["publish"] = "done" if published else "to run"
+            row.reasons["publish"] = "cached" if published else (
+                "new" if self.store.published_key(row.repo_id) is None else "replaces the published version")
 
     def _check_disk(self, plans: list[_ModelPlan]) -> None:
         from ..hub.download import existing_ancestor, free_bytes, human_bytes
@@ -329,26 +350,48 @@ class Provisioner:
         key = inputs["keys"]["quantize"]
         build = self.store.build_dir(key)
         if (build / PROVENANCE_FILE).is_file():
-            self.emit("quantize", "skipped", model=row.model, artifact=row.repo_id, key=key, reason="built earlier")
+            self.emit("quantize", "skipped", model=row.model, artifact=row.repo_id, key=key, reason="cached")
             row.steps["quantize"] = "cached"
+            self._note_inputs(row, inputs)
             return build
         with self.store.lock(f"build-{key}", timeout=self.opts.lock_timeout):  # two recipes, one key
             if (build / PROVENANCE_FILE).is_file():
                 row.steps["quantize"] = "cached"
+                self._note_inputs(row, inputs)
                 return build
             logfile = self._step_log(row, "quantize")
             self.emit("quantize", "start", model=row.model, artifact=row.repo_id, key=key,
-                      params=inputs["qopts"].to_dict(), log=str(logfile) if logfile else None)
+                      reason=row.reasons.get("quantize"), params=inputs["qopts"].to_dict(),
+                      log=str(logfile) if logfile else None)
             t0 = time.monotonic()
-            with output_to_file(logfile):
-                res = quantize(mp.spec.repo, build, inputs["qopts"], revision=mp.pull_plan.commit, overwrite=True,
-                               settings=self.settings, log=self.log, warn=self.warn)
+            # the build is written in the key's workspace, owned by this run's lease while it works: only an
+            # expired lease lets another run take it over; a method's resume checkpoint stays at its path
+            work = self.store.claim_workspace(key, timeout=self.opts.lock_timeout)
+            try:
+                with output_to_file(logfile):
+                    res = quantize(mp.spec.repo, work / key, inputs["qopts"], revision=mp.pull_plan.commit,
+                                   overwrite=True, settings=self.settings, log=self.log, warn=self.warn)
+                if build.exists():  # an unfinished build under the final name (qtk before workspaces)
+                    shutil.rmtree(build)
+                os.replace(work / key, build)
+                self.store.release_workspace(key, finished=True)
+            except BaseException:
+                self.store.release_workspace(key, finished=False)
+                raise
             dt = time.monotonic() - t0
             size = self.store.disk_usage(build)
             self.emit("quantize", "done", model=row.model, artifact=row.repo_id, key=key, duration_s=round(dt, 2),
                       bytes=size, device=res.provenance.get("device"))
         row.steps["quantize"] = "done"
+        self._note_inputs(row, inputs)
         return build
+
+    def _note_inputs(self, row: ArtifactRow, inputs: dict) -> None:
+        """Keep what this artifact was last built from, so that a later run can say what changed."""
+        rec = self.store.record(row.repo_id) or {"repo_id": row.repo_id}  # under the artifact's lock
+        if rec.get("quantize_inputs") != inputs["quantize_inputs"].to_dict():
+            rec["quantize_inputs"] = inputs["quantize_inputs"].to_dict()
+            self.store.write_json(self.store.record_path(row.repo_id), rec)
 
     def _verify(self, mp: _ModelPlan, row: ArtifactRow, inputs: dict, build: Path) -> dict:
         from ..verify.run import verify
@@ -493,17 +536,34 @@ class Provisioner:
         if not self.opts.keep_going:
             raise _Stop from None
 
+    def _shard(self, models: list[ModelSpec], index: int, count: int) -> list[ModelSpec]:
+        """This shard's (model, recipe) pairs; a model with none of its recipes here is not even pulled."""
+        from .shard import select
+
+        mine = set(select([s.artifact_repo(r) for s in models for r in s.recipes], index, count))
+        out = []
+        for s in models:
+            recipes = tuple(r for r in s.recipes if s.artifact_repo(r) in mine)
+            if recipes:
+                out.append(replace(s, recipes=recipes))
+        self.summary.shard = f"{index}/{count}"
+        return out
+
     def run(self) -> Summary:
         t0 = time.monotonic()
         models = [s for s in self.m.models if not self.opts.only or s.name in self.opts.only or s.repo in self.opts.only]
         if self.opts.only and not models:
             raise errors.UsageError(f"--only {', '.join(self.opts.only)} matches no model of {self.m.path}.",
                                     hint="Models: " + ", ".join(s.name for s in self.m.models))
+        if self.opts.shard is not None:
+            models = self._shard(models, *self.opts.shard)
         if not self.opts.dry_run:
             self.store.init()
-            self.store.clean_stale()
+            self.store.start_lease()
         plans: list[_ModelPlan] = []
         try:
+            if not self.opts.dry_run:
+                self.store.clean_stale(timeout=self.opts.lock_timeout)
             for spec in models:  # stage 1: metadata only
                 try:
                     mp = self._plan_model(spec)
@@ -538,6 +598,8 @@ class Provisioner:
             pass
         finally:
             self.summary.seconds = time.monotonic() - t0
+            if self.store.lease is not None:
+                self.store.lease.close()
         return self.summary
 
 

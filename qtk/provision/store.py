@@ -6,13 +6,20 @@
         reports/<verify key>.json       verify reports, addressed by theirs
         artifacts/<publish key>/        published versions: the build (hard links) + report + provenance
         records/<org>--<repo>.json      the latest outcome per published repo (what `status` shows)
-        locks/                          file locks (one per artifact, one per build)
-        events.jsonl                    every step of every run, one JSON object per line
+        locks/                          locks (qtk.hub._lock: flock, or exclusive lock files where flock
+                                        does not exclude other hosts)
+        leases/<host>-<id>.json         one per live run: owner host, pid, heartbeat (its mtime)
+        events/<run>.jsonl              every step of one run, one JSON object per line (one writer per
+                                        file: concurrent runs on NFS never interleave; read merged)
 
 Publishing swaps the symlink with one ``rename``: a reader (the mirror, a node pulling) sees the old
 version or the new one, never a mix. Every directory and JSON file appears by rename of a finished
 temporary, so a crash at any point leaves either the old or the new state. The mirror skips names that
 start with a dot, so the bookkeeping is never served.
+
+Temporaries are named ``.<name>.tmp-<lease id>`` (host + random id, :mod:`qtk.provision.lease`) and
+removed only under the store lock, once their lease has expired: never because a pid is not alive on
+*this* host (a second host or a pod in its own PID namespace has pids that mean nothing here).
 """
 
 from __future__ import annotations
@@ -20,14 +27,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
-from filelock import FileLock, Timeout
-
 from .. import errors
+from ..hub._lock import Locker, LockWaitTimeout
+from .lease import Lease, LeaseInfo, env_ttl, fs_now, host_id, is_lease_id, lease_expired
 
 __all__ = ["ProvisionStore"]
 
@@ -41,14 +51,11 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_TMP_RE = re.compile(r"\.(?:tmp|qtk-link)-(?P<id>[^/]+)$")
+_LEGACY_RE = re.compile(r"\.(?:tmp|qtk-tmp|qtk-link|qtk-old)-\d+$")  # pid-only names of qtk before leases
+LEGACY_TTL_S = 24 * 3600.0  # a pid-only temporary untouched this long is garbage, whoever wrote it
+WORKSPACE_SUFFIX = ".build"  # builds/.<key>.build/: where a build is written; .owner names the lease
+OWNER = ".owner"
 
 
 class ProvisionStore:
@@ -60,41 +67,59 @@ class ProvisionStore:
         self.artifacts = self.state / "artifacts"
         self.records = self.state / "records"
         self.locks = self.state / "locks"
-        self.events_path = self.state / "events.jsonl"
+        self.leases = self.state / "leases"
+        self.events_dir = self.state / "events"
+        self.legacy_events = self.state / "events.jsonl"  # written by qtk before per-run event files
+        self.lease: Lease | None = None  # this process's run lease (names its temporaries)
+        self._events_mu = threading.Lock()
 
     def init(self) -> None:
-        for d in (self.builds, self.reports, self.artifacts, self.records, self.locks):
+        for d in (self.builds, self.reports, self.artifacts, self.records, self.locks, self.leases, self.events_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+    def start_lease(self) -> Lease:
+        self.lease = Lease(self.leases).start()
+        return self.lease
+
+    def tmp_name(self, name: str, kind: str = "tmp") -> str:
+        """``.<name>.<kind>-<lease id>``: the temporary's owner is this run's lease (or, for a
+        store used without one, a fresh id whose missing lease file lets it age out)."""
+        owner = self.lease.id if self.lease else f"{host_id()}-{secrets.token_hex(6)}"
+        return f".{name}.{kind}-{owner}"
 
     # -- locks ------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def lock(self, name: str, *, timeout: float | None, on_wait=None) -> Iterator[None]:
-        """An exclusive lock across processes (and hosts sharing the store over a filesystem with
-        working fcntl locks). ``on_wait`` is told once when another process holds it."""
-        lock = FileLock(str(self.locks / f"{name}.lock"), thread_local=False)
+        """An exclusive lock across processes and hosts (qtk.hub._lock: flock, or an exclusive lock
+        file with a heartbeat where flock does not exclude other hosts). ``on_wait`` is told once when
+        another process holds it."""
+        path = self.locks / f"{name}.lock"
+        locker = Locker()
         try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if on_wait:
-                on_wait()
+            held = locker.try_acquire(path)
+            if held is None:
+                if on_wait:
+                    on_wait()
+                try:
+                    held = locker.acquire(path, timeout=timeout, poll=0.2)
+                except LockWaitTimeout:
+                    raise errors.LockTimeoutError(
+                        f"Another qtk provision has held the lock {name!r} in {self.state} for more than {timeout:.0f} s.",
+                        hint="Wait for it to finish, or raise --lock-timeout. A crashed holder releases its lock "
+                             "automatically.",
+                    ) from None
             try:
-                lock.acquire(timeout=-1 if timeout is None else timeout)
-            except Timeout:
-                raise errors.LockTimeoutError(
-                    f"Another qtk provision has held the lock {name!r} in {self.state} for more than {timeout:.0f} s.",
-                    hint="Wait for it to finish, or raise --lock-timeout. A crashed holder releases its lock "
-                         "automatically.",
-                ) from None
-        try:
-            yield
+                yield
+            finally:
+                held.release()
         finally:
-            lock.release()
+            locker.close()
 
     # -- files ------------------------------------------------------------------------------------
 
     def write_json(self, path: Path, obj) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(self.tmp_name(path.name))
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
         os.replace(tmp, path)
 
@@ -108,40 +133,144 @@ class ProvisionStore:
             return None  # unreadable bookkeeping counts as absent: the step is redone
 
     def log_event(self, event: dict) -> None:
+        """Append to this run's own event file (one writer per file: on NFS, O_APPEND writes of two
+        clients can overwrite each other; separate files cannot), flushed to the server each line."""
+        run = str(event.get("run") or "run")
+        path = self.events_dir / f"{re.sub(r'[^A-Za-z0-9_-]', '_', run)}.jsonl"
         line = (json.dumps(event, default=str) + "\n").encode()
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)  # one write with O_APPEND: lines of concurrent runs never interleave
-        finally:
-            os.close(fd)
+        with self._events_mu:
+            self.events_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def event_files(self) -> list[Path]:
+        files = sorted(self.events_dir.glob("*.jsonl")) if self.events_dir.is_dir() else []
+        return ([self.legacy_events] if self.legacy_events.is_file() else []) + files
 
     def events(self) -> list[dict]:
+        """Every run's events, merged in time order (a run's own lines keep their order)."""
         out = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in self.events_path.read_text().splitlines():
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line))
+        for f in self.event_files():
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                for line in f.read_text().splitlines():
+                    with contextlib.suppress(ValueError):
+                        e = json.loads(line)
+                        if isinstance(e, dict):
+                            out.append(e)
+        out.sort(key=lambda e: str(e.get("ts", "")))  # stable: equal timestamps keep each file's order
         return out
 
-    def clean_stale(self) -> None:
-        """Remove temporaries that crashed runs left (their process is gone)."""
-        for d in (self.builds, self.artifacts, self.reports, self.records, self.root):
-            if not d.is_dir():
-                continue
-            for p in d.glob(".*"):
-                pid = p.name.rsplit("-", 1)[-1]
-                if (".tmp-" in p.name or ".qtk-tmp-" in p.name or ".qtk-link-" in p.name) and pid.isdigit() \
-                        and not _pid_alive(int(pid)):
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
-        for org in self.root.iterdir() if self.root.is_dir() else ():
-            if org.is_dir() and not org.name.startswith("."):
-                for p in org.glob(".*.qtk-link-*"):
-                    pid = p.name.rsplit("-", 1)[-1]
-                    if pid.isdigit() and not _pid_alive(int(pid)):
-                        p.unlink(missing_ok=True)
+    def clean_stale(self, *, timeout: float | None = None, ttl: float | None = None) -> list[str]:
+        """Remove, under the store lock, the temporaries whose lease has expired; a build workspace's
+        resume checkpoint is kept as ``builds/.<key>.resume`` for the next run of that key. Returns
+        what was removed."""
+        ttl = env_ttl() if ttl is None else ttl
+        removed: list[str] = []
+        with self.lock("store", timeout=timeout):
+            now = fs_now(self.leases)
+            verdicts: dict[str, bool] = {}
+
+            def expired(lid: str) -> bool:
+                if lid not in verdicts:
+                    lp = self.leases / f"{lid}.json"
+                    verdicts[lid] = lease_expired(LeaseInfo.read(lp), lp, now, ttl=ttl)
+                return verdicts[lid]
+
+            dirs = [self.builds, self.artifacts, self.reports, self.records, self.leases, self.root]
+            dirs += [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")] \
+                if self.root.is_dir() else []
+            for d in dirs:
+                for p in d.glob(".*") if d.is_dir() else ():
+                    if d == self.builds and p.name.endswith(WORKSPACE_SUFFIX) and p.is_dir():
+                        if (p / OWNER).exists() and self._owner_expired(p, now, ttl, expired):
+                            self._clean_workspace(p)
+                            removed.append(str(p))
+                    elif self._stale(p, now, ttl, expired):
+                        _remove(p)
+                        removed.append(str(p))
+            for lp in self.leases.glob("*.json") if self.leases.is_dir() else ():
+                if lp.stem != (self.lease.id if self.lease else None) and expired(lp.stem):
+                    lp.unlink(missing_ok=True)  # its temporaries are gone: the lease file goes last
+        return removed
+
+    def _stale(self, p: Path, now: float, ttl: float, expired) -> bool:
+        m = _TMP_RE.search(p.name)
+        if m and is_lease_id(m.group("id")):
+            lid = m.group("id")
+            if (self.leases / f"{lid}.json").exists():
+                return expired(lid)
+            return _age(p, now) > ttl  # no lease file: a temporary of a finished run, or written without one
+        if _LEGACY_RE.search(p.name):
+            return _age(p, now) > LEGACY_TTL_S
+        if p.parent == self.leases and p.name.endswith(".json.tmp"):
+            return _age(p, now) > ttl
+        return False
+
+    def _owner_expired(self, ws: Path, now: float, ttl: float, expired) -> bool:
+        try:
+            lid = (ws / OWNER).read_text().strip()
+        except FileNotFoundError:
+            return _age(ws, now) > ttl  # being claimed, or its owner released it
+        except (OSError, UnicodeDecodeError):
+            lid = ""
+        if is_lease_id(lid) and (self.leases / f"{lid}.json").exists():
+            return expired(lid)
+        return _age(ws / OWNER, now) > ttl
+
+    def _clean_workspace(self, ws: Path) -> None:
+        """An expired run's workspace: everything goes but a method's resume checkpoint
+        (``.<key>.qtk-work``, kept at its path: hours of GPU work for the next run of the key)."""
+        key = ws.name[1:-len(WORKSPACE_SUFFIX)]
+        for p in ws.iterdir():
+            if p.name != f".{key}.qtk-work" and p.name != OWNER:
+                _remove(p)
+        (ws / OWNER).unlink(missing_ok=True)  # last: the workspace is free
+        with contextlib.suppress(OSError):
+            ws.rmdir()  # only when no checkpoint is left
+
+    def workspace(self, key: str) -> Path:
+        return self.builds / f".{key}{WORKSPACE_SUFFIX}"
+
+    def claim_workspace(self, key: str, *, timeout: float | None = None, poll: float = 2.0) -> Path:
+        """Own ``builds/.<key>.build/`` for this run's lease (callers hold the build's lock; this guards
+        filesystems where that lock is only a hint): wait while another live lease owns it."""
+        ws = self.workspace(key)
+        t0 = time.monotonic()
+        while True:
+            with self.lock("store", timeout=timeout):
+                ws.mkdir(exist_ok=True)
+                now = fs_now(self.leases)
+                owner = None
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    owner = (ws / OWNER).read_text().strip()
+                mine = self.lease.id if self.lease else None
+                free = owner in (None, mine) or self._owner_expired(
+                    ws, now, env_ttl(), lambda lid: lease_expired(LeaseInfo.read(self.leases / f"{lid}.json"),
+                                                                  self.leases / f"{lid}.json", now, ttl=env_ttl()))
+                if free:
+                    if owner not in (None, mine):
+                        self._clean_workspace(ws)
+                        ws.mkdir(exist_ok=True)
+                    tmp = ws / self.tmp_name("owner")
+                    tmp.write_text(mine or "")
+                    os.replace(tmp, ws / OWNER)
+                    return ws
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise errors.LockTimeoutError(f"Another run (lease {owner}) is still building {key} in {ws}.",
+                                              hint="Wait for it, or raise --lock-timeout.")
+            time.sleep(poll)
+
+    def release_workspace(self, key: str, *, finished: bool) -> None:
+        """Finished: the workspace goes. Failed: its resume checkpoint stays for the next run."""
+        ws = self.workspace(key)
+        if finished:
+            shutil.rmtree(ws, ignore_errors=True)
+        elif ws.is_dir():
+            self._clean_workspace(ws)
 
     # -- builds, reports --------------------------------------------------------------------------
 
@@ -190,7 +319,7 @@ class ProvisionStore:
         """Make ``STORE/<repo_id>`` the build plus ``extra`` files, atomically. Returns the version dir."""
         dest = self.artifacts / key
         if not dest.is_dir():
-            tmp = self.artifacts / f".{key}.tmp-{os.getpid()}"
+            tmp = self.artifacts / self.tmp_name(key)
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(build, tmp, copy_function=_link_or_copy)
             for name, text in extra.items():
@@ -205,7 +334,7 @@ class ProvisionStore:
         if link.exists() and not link.is_symlink():
             raise errors.UsageError(f"{link} exists and is not managed by qtk provision (not a symlink).",
                                     hint="Move it away, or publish under another org (publish.org).")
-        tmp_link = link.parent / f".{link.name}.qtk-link-{os.getpid()}"
+        tmp_link = link.parent / self.tmp_name(link.name, "qtk-link")
         tmp_link.unlink(missing_ok=True)
         os.symlink(os.path.relpath(dest, link.parent), tmp_link)
         os.replace(tmp_link, link)  # the one atomic step
@@ -231,6 +360,21 @@ class ProvisionStore:
                         seen.add((st.st_dev, st.st_ino))
                         total += st.st_size
         return total
+
+
+def _age(p: Path, now: float) -> float:
+    try:
+        return now - os.lstat(p).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def now_iso() -> str:

@@ -76,7 +76,7 @@ register(MethodSpec(
     summary="GPTQModel's AWQ, calibrated; zero-point GEMM format"))
 register(MethodSpec(
     "nf4", "qtk.quantize.nf4:NF4", "nf4",
-    reads=("bits", "sym"),
+    reads=("bits",),  # NF4 has no symmetric/asymmetric choice: sym is never read
     memory_model="quantized_load", weights="nf4", cpu_seconds_per_mparam=0.2,
     summary="bitsandbytes NF4, data-free"))
 
