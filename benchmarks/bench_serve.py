@@ -141,10 +141,25 @@ class Slowloris:
         self._t.start()
         return self
 
+    @staticmethod
+    def _cut(s: socket.socket) -> bool:
+        """Has the server answered (408) or closed this connection?"""
+        s.setblocking(False)
+        try:
+            return s.recv(4096) is not None  # data (the 408) or b"" (closed)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            s.setblocking(True)
+
     def _run(self) -> None:
         while not self._stop.wait(5.0):
             for i, s in enumerate(self.socks):
                 try:
+                    if self._cut(s):
+                        raise ConnectionResetError
                     s.sendall(b"X-a: b\r\n")
                 except OSError:
                     s.close()
