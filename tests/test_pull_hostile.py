@@ -202,3 +202,26 @@ def test_real_enospc_on_a_small_tmpfs(topo, tmp_path):
     code, out, err = doc["second"]
     assert code == 0, err
     assert json.loads(out)["stats"]["bytes_resumed"] > 0
+
+
+@pytest.mark.parametrize(
+    "entry,why",
+    [
+        ({"type": "file", "path": "a.bin", "size": -1, "oid": "0" * 40}, "no valid size"),
+        ({"type": "file", "path": "a.bin", "size": "12", "oid": "0" * 40}, "no valid size"),
+        ({"type": "file", "path": "a.bin", "size": True, "oid": "0" * 40}, "no valid size"),
+        ({"type": "file", "path": "a.bin", "size": 12}, "no valid size and oid"),
+        ({"type": "file", "path": "a.bin", "size": 12, "oid": "0" * 40, "lfs": "yes"}, "LFS pointer"),
+        ({"type": "file", "path": "a.bin", "size": 12, "oid": "0" * 40, "lfs": {"oid": "a" * 64, "size": 13}},
+         "LFS pointer"),
+        ({"type": "file", "path": "a.bin", "size": 12, "oid": "0" * 40, "lfs": {"size": 12}}, "no valid size and oid"),
+        ({"type": "file", "size": 12, "oid": "0" * 40}, "without a path"),
+        ("just a string", "without a path"),
+    ],
+)
+def test_malformed_listing_entries_stop_before_anything_is_written(topo, qtk, cache_dir, entry, why):
+    topo.endpoint.faults.extra_tree_entries.append(entry)
+    r = qtk("pull", "acme/cdn-small")
+    assert r.exit_code == 30, r.stderr
+    assert why in r.stderr
+    assert not (cache_dir / "models--acme--cdn-small").exists()
