@@ -41,7 +41,7 @@ def test_stalled_metadata_request_is_timed_out(topo, route):
     with pytest.raises(errors.NetworkError, match=r"did not answer within 0\.5 s \(2 tries\)") as exc:
         _plan()
     assert exc.value.exit_code == 30
-    assert time.monotonic() - t0 < 20  # bounded (2 x 0.5 s + backoff); the probe was killed at 200 s
+    assert time.monotonic() - t0 < 60  # bounded (2 x 0.5 s + backoff; generous): the probe was killed at 200 s
     assert len([e for e in topo.endpoint.log if route_of(e.path) == route]) == 2
 
 
@@ -80,7 +80,7 @@ def test_retry_after_longer_than_the_cap_is_not_retried_early(topo, retry_after,
     with pytest.raises(errors.NetworkError, match="asked to retry after") as exc:
         _plan(retry=RetryPolicy(retry_after_max=cap))
     assert "re-run later" in exc.value.hint
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60  # generous: waiting would take 20 s to an hour
     assert len([e for e in topo.endpoint.log if route_of(e.path) == "info"]) == 1
 
 
