@@ -67,7 +67,7 @@ class RetryPolicy:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # metadata
     download_read_timeout: float = 60.0  # one stalled byte range
-    attempts: int = 5  # per request (byte ranges: since the last byte of progress)
+    attempts: int = 5  # per metadata request (a byte range: _fetch.MAX_ATTEMPTS since its last byte of progress)
     base_delay: float = 0.5
     max_delay: float = 30.0
     retry_after_max: float = 120.0  # longest Retry-After qtk waits for
