@@ -131,7 +131,8 @@ class Server:
         args = [PY, "-c", SERVER_CODE, str(root), str(throttle_bps), str(ROOT / "tests")]
         if cdn_ttl is not None:
             args = [PY, "-c", CDN_SERVER_CODE, str(root), str(throttle_bps), str(ROOT / "tests"), str(cdn_ttl)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.url = self.proc.stdout.readline().strip()
         assert self.url.startswith("http://"), "server did not start"
         for repo in repos:  # warm the server's hash cache (first listing hashes the files)

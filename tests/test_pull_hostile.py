@@ -192,7 +192,8 @@ def test_real_enospc_on_a_small_tmpfs(topo, tmp_path):
     size = 8 * 1024 * 1024
     filler = size - SMALL // 2 - 512 * 1024
     r = subprocess.run(["unshare", "-rm", sys.executable, "-c", TMPFS_SCRIPT, str(mnt), str(size), str(filler)],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout.strip().splitlines()[-1])
     code, err = doc["first"]

@@ -157,6 +157,7 @@ def map_hub_errors(ctx: HubContext) -> Iterator[None]:
     except OSError as exc:
         if isinstance(exc, (ConnectionError, TimeoutError)):
             raise errors.NetworkError(
-                f"Could not reach {ctx.shown_endpoint}: {public_text(str(exc))}", hint="Check HF_ENDPOINT and your network."
+                f"Could not reach {ctx.shown_endpoint}: {public_text(str(exc))}",
+                hint="Check HF_ENDPOINT and your network.",
             ) from exc
         raise

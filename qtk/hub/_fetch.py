@@ -806,7 +806,8 @@ class Fetcher:
                 origin=_origin(url),
             )
         if _origin(url) == self.endpoint_origin:
-            raise error_for_status(status, r.headers.get("X-Error-Code"), r.headers.get("X-Error-Message"), task.job.ctx)
+            code, message = r.headers.get("X-Error-Code"), r.headers.get("X-Error-Message")
+            raise error_for_status(status, code, message, task.job.ctx)
         if status in _EXPIRED_STATUS:
             raise _Expired(version, status)
         ctx = task.job.ctx

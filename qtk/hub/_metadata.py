@@ -150,12 +150,15 @@ def list_repo_files(endpoint: str, repo_id: str, repo_type: str, commit: str, to
         for e in entries:
             path = e.get("path") if isinstance(e, dict) else None
             if not isinstance(path, str):
-                raise errors.NetworkError(f"{ctx.shown_endpoint} listed an entry of {repo_id} without a path: {e!r:.200}")
+                raise errors.NetworkError(
+                    f"{ctx.shown_endpoint} listed an entry of {repo_id} without a path: {e!r:.200}"
+                )
             if path in seen:  # the same entry again is harmless; a different one under the same path is not
                 if seen[path] != e:
                     raise errors.NetworkError(
                         f"{ctx.shown_endpoint} listed {path!r} of {repo_id} twice, with different contents.",
-                        hint="The server's listing is inconsistent; nothing was downloaded. Report it to its operators.",
+                        hint="The server's listing is inconsistent; nothing was downloaded. Report it to its "
+                        "operators.",
                     )
                 continue
             seen[path] = e
