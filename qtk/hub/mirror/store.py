@@ -24,7 +24,8 @@ Safety rules (the request parser has already refused malformed names; the store 
 Hashes come from :class:`~qtk.hub.mirror.hashindex.HashIndex` (persistent, keyed on the real file's
 dev/inode/size/mtime/ctime); in the cache layout the blob name already is the hash. Listings are cached
 and revalidated at most every ``listing_ttl`` seconds by ``stat`` (directories and files, no hashing
-unless something changed; repos with more than ``BACKGROUND_REVALIDATE`` paths off the request path); a
+unless something changed; repos with more than ``BACKGROUND_REVALIDATE`` paths off the request path, and
+never more often than 20x what the last pass cost, so even a million-file repo costs ~5% of a core); a
 resolve re-checks its one file, so a changed file is never served with an old hash.
 """
 
@@ -129,6 +130,7 @@ class _Listing:
     rev: RepoRevision
     watched: dict[str, int]  # real dir or file path -> mtime_ns (dirs) / ctime_ns (files)
     checked: float = field(default_factory=time.monotonic)
+    interval: float = 0.0  # seconds between revalidations: the TTL, or 20x what the last one cost if more
 
 
 @dataclass
@@ -327,7 +329,7 @@ class MirrorStore:
         with self._mu:
             cur = self._listings.get(cache_key)
             lock = self._building.setdefault(cache_key, threading.Lock())
-        if cur is not None and now - cur.checked < self.listing_ttl:
+        if cur is not None and now - cur.checked < max(self.listing_ttl, cur.interval):
             return cur.rev
         invalidated = cur is not None and "" in cur.watched
         if cur is not None and not invalidated:
@@ -356,8 +358,12 @@ class MirrorStore:
                  walked=None) -> RepoRevision | None:
         with self._mu:
             cur = self._listings.get(cache_key)
-        if cur is not None and (time.monotonic() - cur.checked < self.listing_ttl or _unchanged(cur.watched)):
+        if cur is not None and time.monotonic() - cur.checked < max(self.listing_ttl, cur.interval):
+            return cur.rev
+        t0 = time.monotonic()
+        if cur is not None and _unchanged(cur.watched):
             cur.checked = time.monotonic()
+            cur.interval = 20 * (cur.checked - t0)  # revalidating costs at most ~5% of a core
             return cur.rev
         built = self._build(entry, top, allowed or top, commit, walked)
         with self._mu:
