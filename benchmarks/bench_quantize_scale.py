@@ -6,6 +6,7 @@ time because wall time on a shared machine measures the neighbours too.
     python benchmarks/bench_quantize_scale.py speed                  # SmolLM2-135M, all 30 layers
     python benchmarks/bench_quantize_scale.py speed --stock-layers 4  # + GPTQModel's own AWQ path on 4 layers
     python benchmarks/bench_quantize_scale.py memory --layers 8 16 32 --big   # synthetic Llama shapes
+    python benchmarks/bench_quantize_scale.py resume --methods gptq --layers 30   # kill at half, re-run
     python benchmarks/bench_quantize_scale.py speed --json out.json
 
 speed: nf4, gptq and awq on the same model and calibration (group 64, 16 x 256 tokens by default),
@@ -265,6 +266,77 @@ def memory(args) -> dict:
     return report
 
 
+# ------------------------------------------------------------------------------------------------ resume
+
+def _published_layers(work: Path) -> int:
+    try:
+        store = work / "gptqmodel-checkpoint"
+        ref = json.loads((store / "CURRENT").read_text())["generations"][0]
+        return int(json.loads((store / "objects" / ref).read_bytes())["cursor"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    names = sorted(f.name for f in a.glob("*.safetensors"))
+    if names != sorted(f.name for f in b.glob("*.safetensors")):
+        return False
+    for n in names:
+        x, y = load_file(a / n), load_file(b / n)
+        if sorted(x) != sorted(y) or any(not x[k].view(-1).view(__import__("torch").uint8).equal(
+                y[k].view(-1).view(__import__("torch").uint8)) for k in x):
+            return False
+    return True
+
+
+def resume(args) -> dict:
+    """Fresh run, then the same command killed (SIGKILL) once half the layers are checkpointed, then the
+    same command again: its time against the fresh run's, and its tensors against the fresh run's."""
+    import signal
+
+    from qtk.embedded import build_bf16_checkpoint
+
+    full = build_bf16_checkpoint(CACHE / "smollm2-135m-bf16")
+    src = full if args.layers == 30 else build_bf16_checkpoint(
+        CACHE / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=full)
+    work = Path(tempfile.mkdtemp(prefix="qtk-bench-resume-"))
+    report = {**machine(), "model_layers": args.layers, "runs": {}}
+    kw = dict(group_size=args.group_size, samples=args.samples, seq_len=args.seq_len)
+    for method in args.methods:
+        fresh = run_qtk(src, work / f"{method}-fresh", method, **kw)
+        out = work / f"{method}-resumed"
+        cmd = [PY, "-m", "qtk", "quantize", str(src), "--method", method, "--group-size", str(args.group_size),
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--calibration", "chat",
+               "--device", "cpu", "-o", str(out), "--json"]
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+        ck = work / f".{out.name}.qtk-work"
+        while _published_layers(ck) < args.layers // 2 and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        killed_after = time.perf_counter() - t0
+        published = _published_layers(ck)
+        resumed = run_qtk(src, out, method, **kw)
+        r = {"fresh": fresh, "killed_after_s": killed_after, "layers_published_at_kill": published,
+             "resumed": resumed, "resumed_over_fresh_wall": resumed["wall_s"] / fresh["wall_s"],
+             "resumed_over_fresh_cpu": resumed["cpu_s"] / fresh["cpu_s"],
+             "same_tensors": _same_tensors(work / f"{method}-fresh", out)}
+        report["runs"][method] = r
+        print(f"{method}: fresh wall {fresh['wall_s']:.1f} s cpu {fresh['cpu_s']:.1f} s; killed after "
+              f"{killed_after:.1f} s with {published}/{args.layers} layers published; resumed wall "
+              f"{resumed['wall_s']:.1f} s cpu {resumed['cpu_s']:.1f} s ({r['resumed_over_fresh_wall']:.2f}x wall, "
+              f"{r['resumed_over_fresh_cpu']:.2f}x cpu) {resumed['method_details']}; same tensors: {r['same_tensors']}",
+              flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -273,18 +345,21 @@ def main() -> None:
     s.add_argument("--stock-layers", type=int, default=0, help="also compare GPTQModel's stock AWQ on N layers")
     s.add_argument("--skip-full", action="store_true", help="only the --stock-layers comparison")
     s.add_argument("--eval-tokens", type=int, default=2048)
+    rs = sub.add_parser("resume")
+    rs.add_argument("--methods", nargs="+", default=["gptq", "awq"])
+    rs.add_argument("--layers", type=int, default=30, help="SmolLM2's first N layers (30: all)")
     m = sub.add_parser("memory")
     m.add_argument("--methods", nargs="+", default=["nf4", "gptq", "awq"])
     m.add_argument("--layers", nargs="+", type=int, default=[8, 16, 32])
     m.add_argument("--wide-layers", nargs="*", type=int, default=[2, 6], help="depths at Llama-1B's width")
     m.add_argument("--big", action="store_true", help="add a Llama-3.2-1B shape (2.5 GB BF16)")
-    for p, samples, seq in ((s, 16, 256), (m, 8, 256)):
+    for p, samples, seq in ((s, 16, 256), (m, 8, 256), (rs, 16, 256)):
         p.add_argument("--samples", type=int, default=samples)
         p.add_argument("--seq-len", type=int, default=seq)
         p.add_argument("--group-size", type=int, default=64)
         p.add_argument("--json", type=Path)
     args = ap.parse_args()
-    report = speed(args) if args.cmd == "speed" else memory(args)
+    report = {"speed": speed, "memory": memory, "resume": resume}[args.cmd](args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -21,7 +21,14 @@ import os
 
 from ._awq_clip import fast_clip_search
 from .base import Method, QuantizeOptions, RunContext
-from .gptq import forward_batch, gptqmodel_logs_elsewhere, prepare_gptqmodel_env, quantize_resumable, seed_everything
+from .gptq import (
+    forward_batch,
+    gptqmodel_logs_elsewhere,
+    heap_trimmed_per_layer,
+    prepare_gptqmodel_env,
+    quantize_resumable,
+    seed_everything,
+)
 
 __all__ = ["AWQ"]
 
@@ -51,10 +58,11 @@ class AWQ(Method):
         notes: list[str] = []
         stock = os.environ.get("QTK_AWQ_SEARCH", "") == "stock"
         batch = 1 if stock else forward_batch(ctx)
-        with gptqmodel_logs_elsewhere(), fast_clip_search(not stock, warn=notes.append) as clip_search:
+        with gptqmodel_logs_elsewhere(), heap_trimmed_per_layer() as heap, \
+                fast_clip_search(not stock, warn=notes.append) as clip_search:
             for note in notes:
                 logging.getLogger("qtk").warning(note)
             details = quantize_resumable(ctx, model, "awq", batch_size=batch, backend=backend)
         model.save(str(ctx.out))
-        return {**details, "awq_clip_search": clip_search, "forward_batch": batch,
+        return {**details, "awq_clip_search": clip_search, "forward_batch": batch, "host_heap": heap,
                 **({"awq_clip_search_note": notes[0]} if notes else {})}

@@ -54,6 +54,48 @@ def gptqmodel_logs_elsewhere() -> Iterator[None]:
             loop_processor._PROJECT_LOG_DIR = saved
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def heap_trimmed_per_layer() -> Iterator[str]:
+    """Hand freed heap memory back to the OS each time a new decoder layer starts.
+
+    GPTQModel frees each layer's working tensors (dequantized copies, Hessians, activations) after the
+    layer, but glibc keeps most of those pages in its arenas, so peak RSS grew by ~0.6-0.8 of a layer's
+    BF16 size per layer (SmolLM2 width, 8 -> 32 layers). ``malloc_trim(0)`` at each layer boundary
+    keeps RSS flat (measured: 517 -> 601 MB anon over 32 layers without, 496 -> 468 MB with; peak
+    842 -> 788 MB); it costs milliseconds per layer. Yields what ran ("malloc_trim per layer" or "off")."""
+    import torch
+
+    trim = _malloc_trim()
+    if trim is None:
+        yield "off (no glibc malloc_trim)"
+        return
+    seen: set[int] = set()
+
+    def hook(module, _args):
+        if id(module) not in seen and type(module).__name__.endswith("DecoderLayer"):
+            seen.add(id(module))
+            trim(0)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield "malloc_trim per layer"
+    finally:
+        handle.remove()
+        trim(0)  # before the save, which packs and writes the whole quantized model
+
+
 def forward_batch(ctx: RunContext, tokens_per_forward: int = 8192) -> int:
     """Calibration samples per forward pass in GPTQModel's loops (its ``batch_size``).
 
@@ -112,8 +154,8 @@ class GPTQ(Method):
         cfg = GPTQConfig(bits=o.bits, group_size=o.group_size, desc_act=o.desc_act, sym=self.sym(o))
         seed_everything(o.seed)
         model = GPTQModel.load(str(ctx.model.path), cfg, device=ctx.device)
-        with gptqmodel_logs_elsewhere():
+        with gptqmodel_logs_elsewhere(), heap_trimmed_per_layer() as heap:
             # batch 1: GPTQ's Hessian sums depend on the batching (not byte-identical across batch sizes)
             details = quantize_resumable(ctx, model, "gptq", batch_size=1)
         model.save(str(ctx.out))
-        return details
+        return {**details, "host_heap": heap}
