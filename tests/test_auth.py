@@ -97,3 +97,14 @@ def test_json_errors_are_machine_readable(qtk, hub, cmd):
     doc = json.loads(r.stdout)
     assert doc["exit_code"] == r.exit_code == 10
     assert doc["hint"]
+
+
+def test_login_and_whoami_never_print_endpoint_credentials(qtk, hub, monkeypatch):
+    # HF_ENDPOINT=http://user:secret@host:port: whatever the endpoint answers, the password is never shown
+    qtk("login", "--token", ALICE)
+    endpoint = os.environ["HF_ENDPOINT"].replace("http://", "http://ops:s3cretPass@", 1)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for args in (("whoami",), ("whoami", "--json"), ("login", "--token", ALICE), ("--debug", "whoami")):
+        r = qtk(*args)
+        assert "s3cretPass" not in r.stdout + r.stderr, args
+        assert "127.0.0.1" in r.stdout + r.stderr, args

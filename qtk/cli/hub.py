@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .. import errors
 from ..hub import auth
+from ..hub._errors import public_url
 from ..hub._fetch import DEFAULT_CONNECTIONS
 from ..hub.download import PullPlan, free_bytes, human_bytes, plan_pull, pull
 from ..settings import Settings
@@ -47,7 +48,7 @@ def login(token_opt: str | None) -> None:
     elif token_opt:
         value = token_opt
     elif stdin_is_tty():
-        value = click.prompt(f"Token for {settings.endpoint} (input hidden)", hide_input=True)
+        value = click.prompt(f"Token for {public_url(settings.endpoint)} (input hidden)", hide_input=True)
     else:
         raise errors.UsageError(
             "No token given and stdin is not a terminal.", hint="Use `--token -` and pipe the token in."
@@ -56,7 +57,7 @@ def login(token_opt: str | None) -> None:
     if out.json_mode:
         out.json({"logged_in": True, "token_path": str(settings.token_path), **ident.to_dict()})
         return
-    out.info(f"Logged in to {settings.endpoint} as [bold]{ident.name}[/bold] (token role: {ident.role or '?'}).")
+    out.info(f"Logged in to {public_url(settings.endpoint)} as [bold]{ident.name}[/bold] (token role: {ident.role or '?'}).")
     out.info(f"Token saved to {settings.token_path} (mode 0600).")
     if settings.env_token:
         out.warn("HF_TOKEN is set in the environment and takes precedence over the saved token.")

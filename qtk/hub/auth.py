@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import errors
 from ..settings import Settings
-from ._errors import HubContext, map_hub_errors
+from ._errors import HubContext, map_hub_errors, public_url
 
 __all__ = ["Token", "Identity", "get_token", "login", "logout", "whoami"]
 
@@ -85,7 +85,7 @@ def _whoami(settings: Settings, token: Token) -> Identity:
         role=access.get("role"),
         token_name=access.get("displayName"),
         orgs=tuple(o.get("name", "?") for o in info.get("orgs") or []),
-        endpoint=settings.endpoint,
+        endpoint=public_url(settings.endpoint),
         token_source=token.source,
     )
 
