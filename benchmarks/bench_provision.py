@@ -9,6 +9,13 @@ Anchor, measured in the same run: the library calls a script would make — qtk.
 more (second run: every step skipped). Backends are imported before either is timed.
 Ratios: first run / anchor (the orchestration's overhead: hashing, locks, publish, records) and
 second run / first run.
+
+    python benchmarks/bench_provision.py --ray [--layers 4] [--repeat 2] [--json out.json]
+
+The Ray executor's overhead on one node: the same manifest provisioned into fresh stores with
+``--executor local`` (the anchor) and ``--executor ray`` on a local Ray (``ray.init(num_cpus=cores)``
+started once, its start-up timed apart), alternating, best of --repeat each; the HF cache is filled
+before both, so neither pays the pull. Ratio: ray / local (issue 15's target: <= 1.10x).
 """
 
 from __future__ import annotations
@@ -39,11 +46,67 @@ def manifest(path: Path) -> Path:
     return path
 
 
+def ray_overhead(args) -> None:
+    import bitsandbytes  # noqa: F401  - imports paid before timing
+    import gptqmodel  # noqa: F401
+    import ray
+    import torch  # noqa: F401
+    from hubtest import start_server
+
+    from qtk.embedded import build_bf16_checkpoint
+    from qtk.hub.download import plan_pull, pull
+    from qtk.provision import ProvisionOptions, load_manifest, provision
+
+    cache = Path(os.environ.get("QTK_TEST_CACHE", ROOT / ".qtk-test-cache"))
+    full = build_bf16_checkpoint(cache / "smollm2-135m-bf16")
+    src = build_bf16_checkpoint(cache / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=full)
+    work = Path(tempfile.mkdtemp(prefix="qtk-bench-provision-ray-"))
+    shutil.copytree(src, work / "upstream" / "acme" / "smol")
+    srv = start_server(work / "upstream")
+    os.environ.update(HF_ENDPOINT=srv.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(work / "hf"))
+    times: dict[str, list[float]] = {"local": [], "ray": []}
+    try:
+        pull(plan_pull("acme/smol", include=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]))
+        t0 = time.monotonic()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray_start = time.monotonic() - t0
+        for i in range(args.repeat):
+            for executor in ("local", "ray"):
+                d = work / f"{executor}-{i}"
+                d.mkdir()
+                m = load_manifest(manifest(d / "m.toml"))
+                t0 = time.monotonic()
+                s = provision(m, ProvisionOptions(executor=executor))
+                times[executor].append(time.monotonic() - t0)
+                assert s.exit_code == 0, s.to_dict()
+                assert all(r.steps["quantize"] == "done" for r in s.rows), [r.steps for r in s.rows]
+    finally:
+        ray.shutdown()
+        srv.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    local, remote = min(times["local"]), min(times["ray"])
+    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+              "layers": args.layers, "ray_init_s": round(ray_start, 2),
+              "local_s": [round(t, 2) for t in times["local"]], "ray_s": [round(t, 2) for t in times["ray"]],
+              "ray_over_local": round(remote / local, 3)}
+    print(f"local Ray start (once, not in the ratio): {ray_start:.1f} s")
+    print(f"--executor local: {local:.1f} s (best of {', '.join(f'{t:.1f}' for t in times['local'])})")
+    print(f"--executor ray:   {remote:.1f} s (best of {', '.join(f'{t:.1f}' for t in times['ray'])}) "
+          f"= {remote / local:.3f}x local")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--ray", action="store_true", help="measure the Ray executor's overhead vs local instead")
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
+    if args.ray:
+        ray_overhead(args)
+        return
 
     import bitsandbytes  # noqa: F401  - imports paid before timing
     import gptqmodel  # noqa: F401

@@ -224,3 +224,10 @@ def test_provision_sh_refuses_an_incomplete_job_array(tmp_path, env, words):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "provision.sh")], capture_output=True, text=True,
                        env={**clean, "QTK": "/bin/false", **env})
     assert r.returncode == 2 and words in r.stderr
+
+
+def test_address_without_ray_executor_is_refused(qtk, tmp_path):
+    r = qtk("provision", str(tmp_path / "m.toml"), "--address", "auto")
+    assert r.exit_code == 2 and "--executor ray" in r.stderr
+    r = qtk("provision", str(tmp_path / "m.toml"), "--executor", "dask")
+    assert r.exit_code == 2

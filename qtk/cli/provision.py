@@ -96,24 +96,31 @@ def _memory_table(summary) -> Table:
 @click.option("--shard", metavar="I/N", default=None, envvar="QTK_SHARD",
               help="Provision only shard I (0-based) of N: a deterministic split of the (model, recipe) pairs "
                    "for Kubernetes Indexed Jobs and Slurm arrays [env QTK_SHARD].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: the steps one after another here. ray: each (model, recipe) a Ray task (one GPU, or one "
+                   "CPU slot), the store and HF cache on storage every node sees (pip install 'qtk[ray]').")
+@click.option("--address", "ray_address", metavar="ADDR", default=None,
+              help="With --executor ray: the cluster to join (ray://host:10001, host:6379, auto) "
+                   "[default: $RAY_ADDRESS, else a Ray started on this machine for the run].")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the backends' output here instead of in STORE/.qtk-provision/logs/ (one file per step).")
 @json_option
 @quiet_option
 def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_prune, summary_json, shard,
-            verbose) -> None:
+            executor, ray_address, verbose) -> None:
     """Provision the models in MANIFEST into the model store.
 
     For each model: pull the selected files (resumable, hash-verified, into the HF cache), quantize
     each recipe, verify it against the source (perplexity, KL, smoke), apply the gates, and publish
     the ones that pass as STORE/<org>/<model>-<recipe> with qtk_provenance.json, qtk_verify_report.json
     and qtk_provision.json. Every step is keyed by the hash of its inputs: a re-run skips what is done,
-    a changed recipe redoes only that recipe's steps. Events: STORE/.qtk-provision/events/<run>.jsonl.
+    a changed recipe redoes only that recipe's steps. Events: STORE/.qtk-provision/events/<run>--*.jsonl.
 
     \b
     Examples:
       qtk provision scripts/provision-example.toml --dry-run
       qtk provision models.toml --keep-going --json > summary.json
+      qtk provision models.toml --executor ray --address auto   # one Ray task per (model, recipe)
       qtk serve STORE   # nodes: HF_ENDPOINT=http://host:port qtk pull qtk/<model>-gptq
     """
     from ..provision import ProvisionOptions, load_manifest, provision
@@ -121,9 +128,12 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
 
     out = get_output()
     shard_ix = parse_shard(shard) if shard is not None else None
+    if ray_address and executor != "ray":
+        raise errors.UsageError("--address is the Ray cluster of --executor ray.", hint="Add --executor ray.")
     m = load_manifest(manifest, store=store)
     opts = ProvisionOptions(dry_run=dry_run, keep_going=keep_going, lock_timeout=lock_timeout, only=tuple(only),
-                            push=push, prune=not no_prune, backend_output=verbose, shard=shard_ix)
+                            push=push, prune=not no_prune, backend_output=verbose, shard=shard_ix,
+                            executor=executor, ray_address=ray_address)
 
     def on_event(e: dict) -> None:
         if e["result"] in ("start", "error", "waiting") or e["step"] == "gate" or e["result"] == "done" and e["step"] == "pull":
@@ -166,7 +176,7 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
                           + (f"\n  [dim]Hint:[/dim] {errors.redact(e['hint'])}" if e.get("hint") else ""))
         if not dry_run:
             out.info(f"{summary.bytes_downloaded / 1e6:.1f} MB downloaded in {summary.seconds:.0f} s; "
-                     f"events: {summary.store / '.qtk-provision' / 'events' / (summary.run_id + '.jsonl')}")
+                     f"events: {summary.store / '.qtk-provision' / 'events' / (summary.run_id + '--*.jsonl')}")
         out.result(str(summary.store))
     if code:
         raise click.exceptions.Exit(code)

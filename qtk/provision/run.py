@@ -38,6 +38,7 @@ from .. import __version__, errors
 from .._stdio import output_to_file
 from ..settings import Settings
 from .manifest import Manifest, ModelSpec, Recipe
+from .lease import host_id
 from .keys import KEY_VERSION, StepInputs, key_of, diff_inputs, hub_dataset_digest, toolchain
 from .store import ProvisionStore, now_iso
 
@@ -56,6 +57,8 @@ class ProvisionOptions:
     prune: bool = True  # remove published versions that neither the current nor the previous one is
     backend_output: bool = False  # True: backends print to this terminal; False: to a log file per step
     shard: tuple[int, int] | None = None  # (I, N): only this shard's artifacts (qtk.provision.shard)
+    executor: str = "local"  # "local": one step at a time here; "ray": one Ray task per artifact
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started for this run
 
 
 @dataclass
@@ -147,7 +150,7 @@ class Provisioner:
     # -- events -----------------------------------------------------------------------------------
 
     def emit(self, step: str, result: str, *, model: str, artifact: str | None = None, **fields) -> None:
-        event = {"ts": now_iso(), "run": self.summary.run_id, "pid": os.getpid(), "model": model,
+        event = {"ts": now_iso(), "run": self.summary.run_id, "host": host_id(), "pid": os.getpid(), "model": model,
                  "artifact": artifact, "step": step, "result": result, **fields}
         if not self.opts.dry_run:
             self.store.log_event(event)
@@ -536,6 +539,35 @@ class Provisioner:
         if not self.opts.keep_going:
             raise _Stop from None
 
+    def _run_local(self, plans: list[_ModelPlan]) -> None:
+        for mp in plans:  # stage 2
+            if not self._pull_or_fail(mp):
+                continue
+            for recipe, row, inputs in mp.artifacts:
+                self._run_artifact(mp, recipe, row, inputs)
+                if row.gate_failures and not self.opts.keep_going:
+                    raise _Stop
+
+    def _pull_or_fail(self, mp: _ModelPlan) -> bool:
+        try:
+            self._pull(mp)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, model=mp.spec.name, rows=[row for _r, row, _i in mp.artifacts], step="pull")
+            return False
+        return True
+
+    def _run_artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict) -> None:
+        """quantize -> verify -> gate -> publish for one artifact; a failure is recorded (and, without
+        --keep-going, stops the run)."""
+        t1 = time.monotonic()
+        step = lambda: next((s for s in STEPS if row.steps[s] in ("to run", "to check", "-")), "publish")  # noqa: E731
+        try:
+            self._artifact(mp, recipe, row, inputs)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, model=mp.spec.name, rows=[row], step=step())
+        finally:
+            row.seconds = round(time.monotonic() - t1, 2)
+
     def _shard(self, models: list[ModelSpec], index: int, count: int) -> list[ModelSpec]:
         """This shard's (model, recipe) pairs; a model with none of its recipes here is not even pulled."""
         from .shard import select
@@ -576,24 +608,12 @@ class Provisioner:
             self._check_disk(plans)
             if self.opts.dry_run:
                 return self.summary
-            for mp in plans:  # stage 2
-                rows = [row for _r, row, _i in mp.artifacts]
-                try:
-                    self._pull(mp)
-                except Exception as exc:  # noqa: BLE001
-                    self._fail(exc, model=mp.spec.name, rows=rows, step="pull")
-                    continue
-                for recipe, row, inputs in mp.artifacts:
-                    t1 = time.monotonic()
-                    step = lambda: next((s for s in STEPS if row.steps[s] in ("to run", "to check", "-")), "publish")  # noqa: E731
-                    try:
-                        self._artifact(mp, recipe, row, inputs)
-                    except Exception as exc:  # noqa: BLE001
-                        self._fail(exc, model=mp.spec.name, rows=[row], step=step())
-                    finally:
-                        row.seconds = round(time.monotonic() - t1, 2)
-                    if row.gate_failures and not self.opts.keep_going:
-                        raise _Stop
+            if self.opts.executor == "ray":
+                from .ray_executor import run_on_ray
+
+                run_on_ray(self, plans)
+            else:
+                self._run_local(plans)
         except _Stop:
             pass
         finally:

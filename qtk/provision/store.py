@@ -9,7 +9,7 @@
         locks/                          locks (qtk.hub._lock: flock, or exclusive lock files where flock
                                         does not exclude other hosts)
         leases/<host>-<id>.json         one per live run: owner host, pid, heartbeat (its mtime)
-        events/<run>.jsonl              every step of one run, one JSON object per line (one writer per
+        events/<run>--<lease>.jsonl     every step of one run, one JSON object per line (one writer per
                                         file: concurrent runs on NFS never interleave; read merged)
 
 Publishing swaps the symlink with one ``rename``: a reader (the mirror, a node pulling) sees the old
@@ -135,8 +135,9 @@ class ProvisionStore:
     def log_event(self, event: dict) -> None:
         """Append to this run's own event file (one writer per file: on NFS, O_APPEND writes of two
         clients can overwrite each other; separate files cannot), flushed to the server each line."""
-        run = str(event.get("run") or "run")
-        path = self.events_dir / f"{re.sub(r'[^A-Za-z0-9_-]', '_', run)}.jsonl"
+        run = re.sub(r"[^A-Za-z0-9_-]", "_", str(event.get("run") or "run"))
+        writer = self.lease.id if self.lease else f"{host_id()}-{os.getpid()}"
+        path = self.events_dir / f"{run}--{writer}.jsonl"  # a run on Ray has one writer per task
         line = (json.dumps(event, default=str) + "\n").encode()
         with self._events_mu:
             self.events_dir.mkdir(parents=True, exist_ok=True)

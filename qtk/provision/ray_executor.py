@@ -1,0 +1,176 @@
+"""``qtk provision MANIFEST --executor ray [--address ADDR]``: each artifact's quantize -> verify ->
+gate -> publish as one Ray task; the driver plans, pulls, streams events and writes the summary.
+
+* The driver plans every model (metadata) and pulls each model once into the HF cache, which, like the
+  store, must be on storage every node sees (NFS is the common case) at the same path.
+* Each (model, recipe) is a Ray task asking for one GPU (``num_gpus=1``) when the manifest's device
+  resolves to CUDA on the driver, else one CPU slot. The task re-plans its model at the driver's pinned
+  commit (metadata only), so its keys use its own node's toolchain, and runs the same code as the local
+  executor, under the same store locks, with its own lease and event file.
+* Events reach the driver while tasks run (a Ray queue); the summary and exit codes are the local
+  executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
+  what the dead attempt finished under its input-hash key and the published version under its key, so
+  nothing is published twice; the dead attempt's build workspace is taken over once its lease expired
+  (at once on the same host, after ``QTK_LEASE_TTL`` seconds from another one).
+* The driver passes its ``HF_*`` and ``QTK_*`` variables to the tasks, never a token: nodes read theirs
+  as every qtk does (``HF_TOKEN`` in their environment, or ``$HF_HOME/token`` on the shared HF_HOME).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+
+from .. import errors
+
+__all__ = ["run_on_ray", "RemoteStepError", "MAX_RETRIES"]
+
+MAX_RETRIES = 3  # Ray re-runs a task whose worker process or node died (not a task that raised)
+_PASSED = ("HF_", "QTK_", "HUGGINGFACE_", "GPTQMODEL_", "CUDA_")
+
+
+class RemoteStepError(errors.QtkError):
+    """A step failed in a Ray task: the task's own error, with its own exit code."""
+
+    def __init__(self, err: dict) -> None:
+        super().__init__(str(err.get("message") or "step failed on a Ray worker"), hint=err.get("hint"))
+        self.exit_code = int(err.get("exit_code") or 1)
+        self.name = str(err.get("error") or "Error")
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "error": self.name}
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(_PASSED) and "TOKEN" not in k and "SECRET" not in k and "PASSWORD" not in k}
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise errors.BackendUnavailableError(
+            "--executor ray needs Ray, which is not installed.",
+            hint="pip install 'qtk[ray]' on the driver and on every node (the same versions).",
+        ) from None
+    return ray
+
+
+def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, commit: str, queue) -> dict:
+    """One artifact on a Ray worker: the local executor's steps, its failures recorded (not raised)."""
+    from .lease import host_id
+    from .run import Provisioner
+
+    def on_event(e: dict) -> None:
+        queue.put(e)
+
+    opts = replace(opts, keep_going=True, executor="local", shard=None, only=())
+    prov = Provisioner(manifest, opts, on_event=on_event)
+    prov.summary.run_id = run_id
+    spec = next(s for s in manifest.models if s.name == model_name)
+    recipe = next(r for r in spec.recipes if spec.artifact_repo(r) == repo_id)
+    spec = replace(spec, revision=commit, recipes=(recipe,))  # the driver's commit, whatever main is now
+    prov.store.init()
+    prov.store.start_lease()
+    row = None
+    try:
+        mp = prov._plan_model(spec)
+        prov._state(mp)
+        r, row, inputs = mp.artifacts[0]
+        if mp.pull_plan.missing:  # a node that does not see the driver's HF cache: pull here (resumable)
+            prov._pull(mp)
+        prov._run_artifact(mp, r, row, inputs)
+        error = row.error
+    except Exception as exc:  # noqa: BLE001 - planning failed on this node
+        from .run import _error_dict
+
+        error = _error_dict(exc)
+        prov.emit("plan", "error", model=model_name, artifact=repo_id, error=error)
+    finally:
+        prov.store.lease.close()
+    return {"row": row, "error": error, "node": host_id()}
+
+
+def _resources(device: str) -> dict:
+    return {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1}
+
+
+def run_on_ray(prov, plans: list) -> None:
+    """Stage 2 of :class:`~qtk.provision.run.Provisioner` on Ray (the driver side). Ray's own messages
+    (a worker died, autoscaler notes) go to stderr: stdout stays the summary (``--json``)."""
+    from .._stdio import stdout_to_stderr
+
+    with stdout_to_stderr():
+        _run_on_ray(prov, plans)
+
+
+def _run_on_ray(prov, plans: list) -> None:
+    ray = _import_ray()
+    from ray.util.queue import Empty, Queue
+
+    from .run import _Stop
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=prov.opts.ray_address, include_dashboard=False, log_to_driver=prov.opts.backend_output,
+                 logging_level="ERROR")
+    queue = Queue(actor_options={"num_cpus": 0})
+    task = ray.remote(artifact_task)
+    pending: dict = {}
+    env = _worker_env()  # this run's settings (per task: a cluster serves many drivers)
+
+    def drain() -> None:
+        while True:
+            try:
+                batch = queue.get_nowait_batch(max(queue.qsize(), 1))
+            except Empty:
+                return
+            for e in batch:
+                prov.on_event(e)
+
+    try:
+        for mp in plans:
+            if not prov._pull_or_fail(mp):  # once per model, into the shared HF cache
+                continue
+            for _recipe, row, _inputs in mp.artifacts:
+                ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, name=f"qtk {row.repo_id}",
+                                   runtime_env={"env_vars": env}, **_resources(prov.device)).remote(
+                    prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id, mp.pull_plan.commit, queue)
+                pending[ref] = (row, time.monotonic())
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            drain()
+            for ref in done:
+                row, t0 = pending.pop(ref)
+                _collect(prov, ray, ref, row, t0)
+                if (row.error or row.gate_failures) and not prov.opts.keep_going:
+                    raise _Stop
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        drain()
+        ray.kill(queue.actor)
+        if started:
+            ray.shutdown()
+
+
+def _collect(prov, ray, ref, row, t0: float) -> None:
+    """Fold a finished task into the driver's row and summary."""
+    try:
+        out = ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - retries exhausted (nodes kept dying) or a Ray error
+        err = errors.ProvisionFailedError(f"{row.repo_id}: the Ray task failed: {str(exc).splitlines()[0]}",
+                                          hint="See the Ray logs of the task's node; a re-run resumes from what "
+                                               "finished (every step is keyed by its inputs).")
+        out = {"row": None, "error": err.to_dict()}
+        prov.emit("task", "error", model=row.model, artifact=row.repo_id, error=out["error"])
+    if out["row"] is not None:
+        for k, v in vars(out["row"]).items():
+            setattr(row, k, v)
+    else:
+        row.error = out["error"]
+    row.seconds = round(time.monotonic() - t0, 2)
+    if out["error"] and prov.summary.first_error is None:
+        prov.summary.first_error = RemoteStepError(out["error"])

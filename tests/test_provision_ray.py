@@ -1,0 +1,147 @@
+"""qtk provision --executor ray on an in-process local Ray (ray.init(num_cpus=2): CI has 2 cores, a
+head plus worker nodes would not fit its budget) against a local Hub mirror serving the real SmolLM2
+weights (2 layers): the same summary, events and published bytes as the local executor; a re-run
+publishes nothing again; a task whose worker process is killed is retried and publishes once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from hubtest import start_server
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+
+MANIFEST = """\
+store = "{store}"
+
+[defaults]
+device = "cpu"
+
+[defaults.verify]
+text = "prose-heldout"
+ctx = 256
+max_tokens = 256
+smoke = false
+
+[defaults.gates]
+max_ppl_increase_pct = 80
+
+[[models]]
+repo = "acme/smol"
+name = "smol"
+[[models.recipes]]
+method = "nf4"
+[[models.recipes]]
+method = "nf4"
+name = "nf4-strict"
+gates = {{ max_ppl_increase_pct = 0.001 }}
+
+[[models]]
+repo = "acme/smol"
+name = "smol2"
+[[models.recipes]]
+method = "nf4"
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (each task gets the driver's HF_*/QTK_* settings of its run)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def cluster(local_ray, tmp_path, smol_layers, monkeypatch, hf_env):
+    root = tmp_path / "upstream"
+    shutil.copytree(smol_layers(2), root / "acme" / "smol")
+    srv = start_server(root)
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("QTK_LEASE_TTL", "30")
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def run(qtk, m: Path, *args: str) -> tuple[int, dict]:
+    r = qtk("provision", str(m), "--json", "--keep-going", *args)
+    return r.exit_code, json.loads(r.stdout)
+
+
+def published(store: Path) -> dict[str, dict[str, str]]:
+    out = {}
+    for link in sorted((store / "qtk").iterdir()):
+        out[link.name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(link.resolve().iterdir())
+                          if f.name.endswith(".safetensors") or f.name == "config.json"}
+    return out
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local_and_publishes_once(cluster, qtk, tmp_path):
+    from qtk.provision import ProvisionStore
+
+    (tmp_path / "ray.toml").write_text(MANIFEST.format(store=tmp_path / "ray-store"))
+    (tmp_path / "local.toml").write_text(MANIFEST.format(store=tmp_path / "local-store"))
+    code_r, s_r = run(qtk, tmp_path / "ray.toml", "--executor", "ray")
+    code_l, s_l = run(qtk, tmp_path / "local.toml")
+    assert code_r == code_l == 3, (s_r, s_l)  # the strict recipe fails its gate on both
+    outcome = lambda s: {a["repo_id"]: (a["outcome"], a["steps"]["publish"]) for a in s["artifacts"]}  # noqa: E731
+    assert outcome(s_r) == outcome(s_l) == {"qtk/smol-nf4": ("ok", "done"), "qtk/smol-nf4-strict": ("gate_failed", "blocked"),
+                                            "qtk/smol2-nf4": ("ok", "done")}
+    assert published(tmp_path / "ray-store") == published(tmp_path / "local-store")  # byte-identical
+    evs = ProvisionStore(tmp_path / "ray-store").events()
+    done = sorted(e["artifact"] for e in evs if e["step"] == "publish" and e["result"] == "done")
+    assert done == ["qtk/smol-nf4", "qtk/smol2-nf4"]
+    # the three artifacts share one quantize key: built once, under the build lock, whichever task came first
+    assert len([e for e in evs if e["step"] == "quantize" and e["result"] == "done"]) == 1
+    assert {e["host"] for e in evs} and len({e["run"] for e in evs}) == 1
+
+    code, s = run(qtk, tmp_path / "ray.toml", "--executor", "ray")  # nothing to do again
+    assert code == 3 and all(a["steps"]["quantize"] == "cached" for a in s["artifacts"])
+    assert [a["steps"]["publish"] for a in s["artifacts"]] == ["cached", "blocked", "cached"]
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_and_publishes_once(cluster, qtk, tmp_path):
+    """kill -9 the Ray worker process in the middle of its quantize: Ray re-runs the task, which takes
+    over the dead attempt's workspace (same host, dead pid) and publishes exactly once."""
+    import threading
+
+    from qtk.provision import ProvisionStore
+
+    store = tmp_path / "store"
+    (tmp_path / "m.toml").write_text(MANIFEST.format(store=store).split("[[models.recipes]]\nmethod = \"nf4\"\nname")[0])
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            for e in ProvisionStore(store).events():
+                if e["step"] == "quantize" and e["result"] == "start":
+                    os.kill(e["pid"], signal.SIGKILL)
+                    killed.append(e["pid"])
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    code, s = run(qtk, tmp_path / "m.toml", "--executor", "ray")
+    t.join()
+    assert killed, "the quantize never started"
+    assert code == 0, s
+    evs = ProvisionStore(store).events()
+    starts = [e for e in evs if e["step"] == "quantize" and e["result"] == "start"]
+    assert len(starts) == 2 and starts[0]["pid"] == killed[0] and starts[1]["pid"] != killed[0]
+    assert [e["artifact"] for e in evs if e["step"] == "publish" and e["result"] == "done"] == ["qtk/smol-nf4"]
+    assert not list((store / ".qtk-provision" / "builds").glob(".*"))  # the dead attempt's workspace is gone
