@@ -7,9 +7,10 @@
 #   QTK_KEEP_GOING   1: go on with other models after a failure (default 1)
 #   QTK_LOCK_TIMEOUT seconds to wait for another run's lock, then exit 22 (default: wait)
 #   QTK_SUMMARY      also write the JSON summary to this file (default: none; events are always in
-#                    <store>/.qtk-provision/events.jsonl)
+#                    <store>/.qtk-provision/events/, one file per run and writer)
 #   QTK_ONLY         space-separated model names to provision (default: all)
 #   QTK              the qtk command                      (default: .venv/bin/qtk if present, else qtk)
+#   QTK_EXECUTOR     local (default) or ray: each (model, recipe) a Ray task (cluster: RAY_ADDRESS)
 #   QTK_SHARD        I/N: provision only shard I (0-based) of N (default: from the job array below)
 #   QTK_SHARD_COUNT  N for a Kubernetes Indexed Job (its `completions`): the index is JOB_COMPLETION_INDEX
 #   SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT   a Slurm job array (set by sbatch
@@ -39,6 +40,7 @@ args=(provision run "$manifest")
 [ -n "${QTK_LOCK_TIMEOUT:-}" ] && args+=(--lock-timeout "$QTK_LOCK_TIMEOUT")
 [ -n "${QTK_SUMMARY:-}" ] && args+=(--summary-json "$QTK_SUMMARY")
 for m in ${QTK_ONLY:-}; do args+=(--only "$m"); done
+[ -n "${QTK_EXECUTOR:-}" ] && args+=(--executor "$QTK_EXECUTOR")
 
 shard="${QTK_SHARD:-}"
 if [ -z "$shard" ] && [ -n "${JOB_COMPLETION_INDEX:-}" ]; then

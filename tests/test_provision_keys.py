@@ -201,6 +201,7 @@ def test_shard_property_disjoint_cover_order_free(units, n, seed):
     ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "6"}, "--shard 3/6"),
     ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}, "--shard 1/3"),
     ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "QTK_SHARD": "0/9"}, "--shard 0/9"),
+    ({"QTK_EXECUTOR": "ray"}, "--executor ray"),
     ({}, None),
 ])
 def test_provision_sh_passes_the_job_array_index(tmp_path, env, expect):
