@@ -16,6 +16,7 @@ from .._stdio import stdout_to_stderr
 from .kl import KLAccumulator
 from .models import Model, _rss_bytes, open_model
 from .perplexity import summarize, token_nll, windows
+from .report import short_name
 from .smoke import run_smoke
 from ..texts import joined_text as load_text  # the one text loader (qtk.texts)
 
@@ -153,7 +154,7 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
     models: list[tuple[str, Model, int | None]] = []
     for i, spec in enumerate(specs):
         before = _rss_bytes()
-        log(f"loading model {i + 1}/{len(specs)}: {spec}")
+        log(f"loading model {i + 1}/{len(specs)}: {short_name(spec)}")
         with stdout_to_stderr():
             m = open_model(spec, gguf_file=gguf_file, device=device, threads=opts.threads, n_ctx=n_ctx)
         after = _rss_bytes()
@@ -174,7 +175,7 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
                           summarize(p.nlls, len(ids)).to_dict(), p.prefill_tps,
                           p.kl.result().to_dict() if p.kl else None, getattr(m, "compute_dtype", None), match)
         if opts.smoke:
-            log(f"smoke generation {len(reports) + 1}/{len(models)}: {m.name}")
+            log(f"smoke generation {len(reports) + 1}/{len(models)}: {short_name(m.name)}")
             with stdout_to_stderr():
                 rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
                                                             temperature=opts.temperature, top_p=opts.top_p,
