@@ -256,8 +256,10 @@ def test_two_hosts_pull_into_a_cache_where_flock_fails(hub2, cache_dir, tmp_path
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
-        assert err.count("file locks do not work") == 1
+        # said at most once per process; a host that started late may find every file placed and need no lock
+        assert err.count("file locks do not work") <= 1
         _check_snapshot(json.loads(out))
+    assert any("file locks do not work" in err for _, err in outs)
     assert hub2.bytes_sent - start < 1.3 * TOTAL  # each file crossed the network about once
     assert not list(cache_dir.rglob(f"*{EXCL_SUFFIX}")) and not list(cache_dir.rglob("*.qtk-part*"))
 
