@@ -268,27 +268,54 @@ def quantized_format(method: str, group_size: int = 128) -> Format:
     return Format(f"{method}-g{group_size}", f"{method.upper()} 4-bit, group {group_size}", _group_bits(g, 4), 16)
 
 
+# The quantizing process itself before any weight is loaded (Python, torch, transformers and the backend
+# imported, calibration tokenized), measured as peak RSS on this project's CPU machine (2026-11, torch
+# 2.13 CPU, gptqmodel 7.6, bitsandbytes 0.50.2): ~0.85 GB with GPTQModel, ~0.5 GB with bitsandbytes.
+_RUNTIME_BYTES = {"layerwise": 850_000_000, "quantized_load": 500_000_000}
+
+
 def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: int = 128, samples: int = 128,
                     seq_len: int = 512) -> dict:
-    """Peak memory of ``qtk quantize`` (bytes), by where it lands.
+    """Peak memory of ``qtk quantize`` (bytes), by where it lands, and what the method holds at once.
 
-    GPTQ/AWQ (GPTQModel) keep the BF16 model in CPU RAM and move one decoder layer at a time to the
-    GPU with the calibration activations (samples x seq_len x hidden, BF16, ~3 copies alive) and the
-    embeddings for the first forward. NF4 (bitsandbytes) loads the model quantized onto the device.
-    Calibrated on SmolLM2-135M on an H100: GPTQ 128x512 -> 343 MB VRAM measured (this: 0.29 GB),
-    NF4 -> 113 MB measured (this: 0.11 GB)."""
-    bf16 = weight_bytes(shape, FORMATS["bf16"])
+    Layer-wise methods (GPTQ, AWQ through GPTQModel): the model is a lazily loaded shell; one decoder
+    layer at a time is materialized (BF16), worked on (float32 copies, GPTQ's float32 Hessian of the
+    widest input, AWQ's cached inputs of every linear) and offloaded, and freed heap is handed back at
+    each layer (qtk calls malloc_trim), so the peak does not grow with depth: runtime + embeddings + a
+    few copies of one layer + the calibration activations. On a GPU the layer and the activations sit in
+    VRAM (calibrated on SmolLM2-135M on an H100: GPTQ 128x512 343 MB measured).
+
+    NF4 (bitsandbytes) loads the whole model: on the CPU the BF16 checkpoint is read in full (its pages
+    stay resident) beside the 4-bit copy, so the host peak is runtime + the BF16 weights; on a GPU the
+    4-bit model lands in VRAM (113 MB measured for SmolLM2). ``holds`` says which ("whole model" or
+    "one layer"), so a refusal can say why."""
     from .quantize.registry import method_spec
 
+    bf16 = weight_bytes(shape, FORMATS["bf16"])
     q = weight_bytes(shape, quantized_format(method, group_size))
-    if method_spec(method).memory_model == "quantized_load":  # the registry says which formula applies
-        return {"device": device, "device_bytes": q, "host_bytes": bf16 if device == "cpu" else q}
+    model = method_spec(method).memory_model  # the registry says which formula applies
+    runtime = _RUNTIME_BYTES.get(model, _RUNTIME_BYTES["layerwise"])
+    if model == "quantized_load":
+        host = runtime + (bf16 if device == "cpu" else q)
+        return {"device": device, "device_bytes": host if device == "cpu" else q, "host_bytes": host,
+                "holds": "whole model"}
     layer = 2 * (shape.linear + shape.params["norms"]) // max(shape.layers, 1)
-    activations = 3 * samples * seq_len * shape.hidden * 2
+    tokens = samples * seq_len
+    hidden_acts = 3 * tokens * shape.hidden * 2  # the layer's inputs and outputs (BF16), one spare
+    widest = max(shape.hidden, shape.intermediate if not shape.experts else shape.expert_intermediate)
+    if method == "awq":  # AWQ caches every linear's input (hidden x 4 groups + the MLP's intermediate) and
+        work = tokens * (4 * shape.hidden + widest) * 2 + 2 * layer  # scales float32 copies of the group's weights
+    else:  # GPTQ: float32 Hessian of the widest input, float32 copy of the layer
+        work = 4 * widest * widest + 2 * layer
     embed = 2 * shape.params["embeddings"]
     if device == "cpu":
-        return {"device": "cpu", "device_bytes": bf16 + activations, "host_bytes": bf16 + activations}
-    return {"device": device, "device_bytes": layer + activations + embed, "host_bytes": bf16}
+        host = runtime + embed + layer + hidden_acts + work
+        return {"device": "cpu", "device_bytes": host, "host_bytes": host, "holds": "one layer"}
+    device_bytes = layer + 3 * tokens * shape.hidden * 2 + embed  # what the H100 measurement calibrated
+    if method == "awq":
+        device_bytes += tokens * (4 * shape.hidden + widest) * 2
+    return {"device": device, "device_bytes": device_bytes, "host_bytes": runtime + embed + 2 * layer,
+            "holds": "one layer"}
 
 
 def inference_memory(shape: ModelShape, fmt: Format, *, device: str, ctx: int = 512) -> int:

@@ -110,3 +110,66 @@ def test_out_channel_batch_keeps_the_stock_minimum_and_a_memory_bound():
     assert _awq_clip._out_channel_batch(4096, 512, 224) == 256  # Llama-8B down_proj: the stock 256
     assert _awq_clip._out_channel_batch(192, 512, 9) == 192
     assert _awq_clip._out_channel_batch(28672, 512, 64) * 512 * 64 * 16 <= 1 << 28
+
+
+# ------------------------------------------------------------------ the planner against measured peak RSS
+
+def _rss_run(src, out, method: str) -> int:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "qtk", "quantize", str(src), "--method", method, "--group-size", "64",
+           "--samples", "4", "--seq-len", "64", "--device", "cpu", "-o", str(out), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["peak_rss_bytes"]  # VmHWM of the quantizing process itself
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nf4", "gptq", "awq"])
+def test_planner_predicts_the_measured_peak_rss_within_25_percent(smol_layers, tmp_path, method):
+    """A real run (SmolLM2's first 2 layers, real weights) in its own process: the planner's CPU estimate
+    (what quantize's pre-check refuses on) is within +-25% of the peak RSS the kernel measured."""
+    from qtk.hfload import read_config
+    from qtk.plan import quantize_memory, shape_from_config
+
+    src = smol_layers(2)
+    measured = _rss_run(src, tmp_path / "out", method)
+    shape = shape_from_config(read_config(src, missing="no config"))
+    predicted = quantize_memory(shape, method, device="cpu", group_size=64, samples=4, seq_len=64)["host_bytes"]
+    assert 0.75 <= predicted / measured <= 1.25, (method, predicted, measured)
+
+
+def test_nf4_that_cannot_fit_is_refused_before_loading_and_says_it_holds_the_whole_model(qtk, tmp_path):
+    """A Llama-3.1-405B-shaped config (810 GB of BF16): NF4 must hold the whole model on the CPU, so
+    quantize refuses at once, before reading any weight; the layer-wise methods' estimate does not grow
+    with depth, the whole-model one does."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from qtk import errors
+    from qtk.plan import quantize_memory, shape_from_config
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
+           "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
+           "intermediate_size": 53248, "vocab_size": 128256, "torch_dtype": "bfloat16"}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(8, 128, dtype=torch.bfloat16)},
+              tmp_path / "m" / "model.safetensors")
+    r = qtk("quantize", str(tmp_path / "m"), "--method", "nf4", "--device", "cpu", "-o", str(tmp_path / "out"))
+    assert r.exit_code == errors.ResourceError.exit_code, r.output
+    assert "holds the whole model" in r.output and "GB" in r.output
+    assert not (tmp_path / "out").exists()
+
+    deep, shallow = shape_from_config(cfg), shape_from_config({**cfg, "num_hidden_layers": 32})
+    for method in ("gptq", "awq"):
+        a = quantize_memory(deep, method, device="cpu", group_size=128)
+        b = quantize_memory(shallow, method, device="cpu", group_size=128)
+        assert a["holds"] == "one layer" and a["host_bytes"] == pytest.approx(b["host_bytes"], rel=1e-6)
+    a = quantize_memory(deep, "nf4", device="cpu")
+    b = quantize_memory(shallow, "nf4", device="cpu")
+    assert a["holds"] == "whole model" and a["host_bytes"] > 3 * b["host_bytes"]

@@ -126,7 +126,8 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
         shape = shape_from_config(model.config)
         mem = quantize_memory(shape, method.name, device=device, group_size=options.group_size,
                               samples=options.samples, seq_len=options.seq_len)
-        what = f"Quantizing {model.repo_id or model.path.name} with {method.name}"
+        what = f"Quantizing {model.repo_id or model.path.name} with {method.name}" + (
+            " (it holds the whole model in memory)" if mem.get("holds") == "whole model" else "")
         if device == "cuda":
             check_fits(mem["device_bytes"], "cuda", what,
                        hint="Lower --samples/--seq-len (activations scale with both), or use a bigger GPU.")
