@@ -93,7 +93,12 @@ def test_ray_executor_matches_local_and_publishes_once(cluster, qtk, tmp_path):
 
     (tmp_path / "ray.toml").write_text(MANIFEST.format(store=tmp_path / "ray-store"))
     (tmp_path / "local.toml").write_text(MANIFEST.format(store=tmp_path / "local-store"))
-    code_r, s_r = run(qtk, tmp_path / "ray.toml", "--executor", "ray")
+    from qtk.provision import ProvisionOptions, load_manifest, provision
+
+    seen: list[dict] = []  # the driver's event stream: the tasks' events, forwarded while they run
+    summary = provision(load_manifest(tmp_path / "ray.toml"), ProvisionOptions(executor="ray", keep_going=True),
+                        on_event=seen.append)
+    code_r, s_r = summary.exit_code, json.loads(json.dumps(summary.to_dict(), default=str))
     code_l, s_l = run(qtk, tmp_path / "local.toml")
     assert code_r == code_l == 3, (s_r, s_l)  # the strict recipe fails its gate on both
     outcome = lambda s: {a["repo_id"]: (a["outcome"], a["steps"]["publish"]) for a in s["artifacts"]}  # noqa: E731
@@ -106,6 +111,9 @@ def test_ray_executor_matches_local_and_publishes_once(cluster, qtk, tmp_path):
     # the three artifacts share one quantize key: built once, under the build lock, whichever task came first
     assert len([e for e in evs if e["step"] == "quantize" and e["result"] == "done"]) == 1
     assert {e["host"] for e in evs} and len({e["run"] for e in evs}) == 1
+    key = lambda e: (e["ts"], e["pid"], e["step"], e["result"], e.get("artifact"))  # noqa: E731
+    assert sorted(map(key, seen)) == sorted(map(key, evs))  # every event, once, also the workers'
+    assert {e["pid"] for e in seen if e["step"] == "quantize"} - {os.getpid()}  # ran in Ray workers
 
     code, s = run(qtk, tmp_path / "ray.toml", "--executor", "ray")  # nothing to do again
     assert code == 3 and all(a["steps"]["quantize"] == "cached" for a in s["artifacts"])

@@ -7,8 +7,8 @@ gate -> publish as one Ray task; the driver plans, pulls, streams events and wri
   resolves to CUDA on the driver, else one CPU slot. The task re-plans its model at the driver's pinned
   commit (metadata only), so its keys use its own node's toolchain, and runs the same code as the local
   executor, under the same store locks, with its own lease and event file.
-* Events reach the driver while tasks run (a Ray queue); the summary and exit codes are the local
-  executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
+* Events reach the driver while tasks run: each task writes its own event file in the store (shared
+  storage), which the driver follows and forwards; the summary and exit codes are the local executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
   what the dead attempt finished under its input-hash key and the published version under its key, so
   nothing is published twice; the dead attempt's build workspace is taken over once its lease expired
   (at once on the same host, after ``QTK_LEASE_TTL`` seconds from another one).
@@ -18,6 +18,7 @@ gate -> publish as one Ray task; the driver plans, pulls, streams events and wri
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -58,16 +59,14 @@ def _import_ray():
     return ray
 
 
-def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, commit: str, queue) -> dict:
-    """One artifact on a Ray worker: the local executor's steps, its failures recorded (not raised)."""
+def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, commit: str) -> dict:
+    """One artifact on a Ray worker: the local executor's steps, its failures recorded (not raised).
+    Its events go to its own file in the store, which the driver follows."""
     from .lease import host_id
     from .run import Provisioner
 
-    def on_event(e: dict) -> None:
-        queue.put(e)
-
     opts = replace(opts, keep_going=True, executor="local", shard=None, only=())
-    prov = Provisioner(manifest, opts, on_event=on_event)
+    prov = Provisioner(manifest, opts)
     prov.summary.run_id = run_id
     spec = next(s for s in manifest.models if s.name == model_name)
     recipe = next(r for r in spec.recipes if spec.artifact_repo(r) == repo_id)
@@ -108,27 +107,17 @@ def run_on_ray(prov, plans: list) -> None:
 
 def _run_on_ray(prov, plans: list) -> None:
     ray = _import_ray()
-    from ray.util.queue import Empty, Queue
-
     from .run import _Stop
 
     started = not ray.is_initialized()
     if started:
         ray.init(address=prov.opts.ray_address, include_dashboard=False, log_to_driver=prov.opts.backend_output,
                  logging_level="ERROR")
-    queue = Queue(actor_options={"num_cpus": 0})
     task = ray.remote(artifact_task)
     pending: dict = {}
     env = _worker_env()  # this run's settings (per task: a cluster serves many drivers)
-
-    def drain() -> None:
-        while True:
-            try:
-                batch = queue.get_nowait_batch(max(queue.qsize(), 1))
-            except Empty:
-                return
-            for e in batch:
-                prov.on_event(e)
+    follow = _EventFollower(prov)
+    drain = follow.poll
 
     try:
         for mp in plans:
@@ -137,10 +126,10 @@ def _run_on_ray(prov, plans: list) -> None:
             for _recipe, row, _inputs in mp.artifacts:
                 ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, name=f"qtk {row.repo_id}",
                                    runtime_env={"env_vars": env}, **_resources(prov.device)).remote(
-                    prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id, mp.pull_plan.commit, queue)
+                    prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id, mp.pull_plan.commit)
                 pending[ref] = (row, time.monotonic())
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             drain()
             for ref in done:
                 row, t0 = pending.pop(ref)
@@ -151,9 +140,43 @@ def _run_on_ray(prov, plans: list) -> None:
         for ref in pending:
             ray.cancel(ref)
         drain()
-        ray.kill(queue.actor)
         if started:
             ray.shutdown()
+
+
+class _EventFollower:
+    """Forwards the run's events that the tasks append to their own files (``events/<run>--<writer>``,
+    on the shared store) to the driver's ``on_event``: complete lines only, each file from where the
+    last poll stopped (files are reopened each time: NFS revalidates on open)."""
+
+    def __init__(self, prov) -> None:
+        self.prov = prov
+        self.offsets: dict[str, int] = {}
+
+    def poll(self) -> None:
+        store, run = self.prov.store, self.prov.summary.run_id
+        own = f"{run}--{store.lease.id}.jsonl" if store.lease else None
+        for path in sorted(store.events_dir.glob(f"{run}--*.jsonl")):
+            if path.name == own:
+                continue
+            start = self.offsets.get(path.name, 0)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+            except OSError:
+                continue
+            end = data.rfind(b"\n") + 1
+            if not end:
+                continue
+            self.offsets[path.name] = start + end
+            for line in data[:end].splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    self.prov.on_event(event)
 
 
 def _collect(prov, ray, ref, row, t0: float) -> None:
