@@ -269,9 +269,11 @@ def quantized_format(method: str, group_size: int = 128) -> Format:
 
 
 # The quantizing process itself before any weight is loaded (Python, torch, transformers and the backend
-# imported, calibration tokenized), measured as peak RSS on this project's CPU machine (2026-11, torch
-# 2.13 CPU, gptqmodel 7.6, bitsandbytes 0.50.2): ~0.85 GB with GPTQModel, ~0.5 GB with bitsandbytes.
-_RUNTIME_BYTES = {"layerwise": 850_000_000, "quantized_load": 500_000_000}
+# imported, calibration tokenized), fitted to peak RSS measured on this project's CPU machine (2026-11,
+# torch 2.13 CPU, gptqmodel 7.6, bitsandbytes 0.50.2; BENCHMARKS.md, "qtk quantize at scale"): ~0.75 GB
+# with GPTQModel (+0.2 GB for AWQ's processor), ~0.5 GB with bitsandbytes.
+_RUNTIME_BYTES = {"layerwise": 750_000_000, "quantized_load": 500_000_000}
+_AWQ_RUNTIME_EXTRA = 200_000_000
 
 
 def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: int = 128, samples: int = 128,
@@ -295,8 +297,8 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
     q = weight_bytes(shape, quantized_format(method, group_size))
     model = method_spec(method).memory_model  # the registry says which formula applies
     runtime = _RUNTIME_BYTES.get(model, _RUNTIME_BYTES["layerwise"])
-    if model == "quantized_load":
-        host = runtime + (bf16 if device == "cpu" else q)
+    if model == "quantized_load":  # on the CPU: the BF16 checkpoint read in full, tensors in flight, the 4-bit copy
+        host = runtime + (bf16 * 3 // 2 if device == "cpu" else q)
         return {"device": device, "device_bytes": host if device == "cpu" else q, "host_bytes": host,
                 "holds": "whole model"}
     layer = 2 * (shape.linear + shape.params["norms"]) // max(shape.layers, 1)
@@ -308,8 +310,13 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
     else:  # GPTQ: float32 Hessian of the widest input, float32 copy of the layer
         work = 4 * widest * widest + 2 * layer
     embed = 2 * shape.params["embeddings"]
+    if method == "awq":
+        runtime += _AWQ_RUNTIME_EXTRA
+    # finished layers, packed to 4 bits, still add ~0.3 of a layer's BF16 per layer (measured: SmolLM2
+    # width, 8 -> 32 layers, GPTQ +58 MB for 170 MB of BF16) -- about their 4-bit size
+    packed = weight_bytes(shape, quantized_format(method, group_size)) - (shape.total - shape.linear) * 2
     if device == "cpu":
-        host = runtime + embed + layer + hidden_acts + work
+        host = runtime + embed + layer + hidden_acts + work + max(packed, 0)
         return {"device": "cpu", "device_bytes": host, "host_bytes": host, "holds": "one layer"}
     device_bytes = layer + 3 * tokens * shape.hidden * 2 + embed  # what the H100 measurement calibrated
     if method == "awq":
