@@ -153,3 +153,22 @@ def test_killed_worker_is_retried_and_publishes_once(cluster, qtk, tmp_path):
     assert len(starts) == 2 and starts[0]["pid"] == killed[0] and starts[1]["pid"] != killed[0]
     assert [e["artifact"] for e in evs if e["step"] == "publish" and e["result"] == "done"] == ["qtk/smol-nf4"]
     assert not list((store / ".qtk-provision" / "builds").glob(".*"))  # the dead attempt's workspace is gone
+
+
+@pytest.mark.parametrize("manifest_device, driver_device, cluster_gpus, gpus", [
+    ("cuda", "cuda", 8, 1), ("cuda", "cuda", 0, 1), ("auto", "cpu", 4, 1), ("auto", "cpu", 0, 0),
+    ("auto", "cuda", 0, 1), ("cpu", "cpu", 8, 0),
+])
+def test_tasks_ask_for_a_gpu_when_the_manifest_or_the_cluster_says_so(manifest_device, driver_device, cluster_gpus,
+                                                                       gpus):
+    """The driver (a head node) may have no GPU: the cluster's resources decide for device = auto
+    (a stand-in for ray.cluster_resources(): no GPU cluster here)."""
+    from qtk.provision.ray_executor import _resources
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources() -> dict:
+            return {"CPU": 32.0, **({"GPU": float(cluster_gpus)} if cluster_gpus else {})}
+
+    res = _resources(FakeRay, manifest_device, driver_device)
+    assert res.get("num_gpus", 0) == gpus and res["num_cpus"] == 1

@@ -3,8 +3,8 @@ gate -> publish as one Ray task; the driver plans, pulls, streams events and wri
 
 * The driver plans every model (metadata) and pulls each model once into the HF cache, which, like the
   store, must be on storage every node sees (NFS is the common case) at the same path.
-* Each (model, recipe) is a Ray task asking for one GPU (``num_gpus=1``) when the manifest's device
-  resolves to CUDA on the driver, else one CPU slot. The task re-plans its model at the driver's pinned
+* Each (model, recipe) is a Ray task asking for one GPU (``num_gpus=1``) when the manifest's device is
+  ``cuda``, or ``auto`` on a cluster with GPUs (the driver needs none), else one CPU slot. The task re-plans its model at the driver's pinned
   commit (metadata only), so its keys use its own node's toolchain, and runs the same code as the local
   executor, under the same store locks, with its own lease and event file.
 * Events reach the driver while tasks run: each task writes its own event file in the store (shared
@@ -92,8 +92,12 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
     return {"row": row, "error": error, "node": host_id()}
 
 
-def _resources(device: str) -> dict:
-    return {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 1}
+def _resources(ray, manifest_device: str, driver_device: str) -> dict:
+    """One GPU per task when the manifest says cuda, or says auto and the cluster has GPUs (the driver
+    itself may have none); else one CPU slot."""
+    gpu = manifest_device == "cuda" or (manifest_device == "auto" and (
+        driver_device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0))
+    return {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
 
 
 def run_on_ray(prov, plans: list) -> None:
@@ -116,6 +120,7 @@ def _run_on_ray(prov, plans: list) -> None:
     task = ray.remote(artifact_task)
     pending: dict = {}
     env = _worker_env()  # this run's settings (per task: a cluster serves many drivers)
+    resources = _resources(ray, prov.m.device, prov.device)
     follow = _EventFollower(prov)
     drain = follow.poll
 
@@ -125,7 +130,7 @@ def _run_on_ray(prov, plans: list) -> None:
                 continue
             for _recipe, row, _inputs in mp.artifacts:
                 ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, name=f"qtk {row.repo_id}",
-                                   runtime_env={"env_vars": env}, **_resources(prov.device)).remote(
+                                   runtime_env={"env_vars": env}, **resources).remote(
                     prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id, mp.pull_plan.commit)
                 pending[ref] = (row, time.monotonic())
         while pending:

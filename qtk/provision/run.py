@@ -145,7 +145,12 @@ class Provisioner:
         self._digests: dict[tuple, str] = {}
         from ..devices import resolve_device
 
-        self.device = resolve_device(manifest.device)
+        try:
+            self.device = resolve_device(manifest.device)
+        except errors.UnsupportedConfigError:
+            if opts.executor != "ray":
+                raise
+            self.device = "cuda"  # a driver without a GPU: the Ray tasks ask for one on the nodes that have it
 
     # -- events -----------------------------------------------------------------------------------
 
