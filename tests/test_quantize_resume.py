@@ -104,3 +104,17 @@ def test_killed_gptq_run_resumes_to_the_same_bytes(smol_layers, tmp_path):
         for key in a:
             assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
             assert a[key].view(-1).view(torch.uint8).equal(b[key].view(-1).view(torch.uint8)), key
+
+
+def test_awq_runs_without_a_checkpoint_and_says_why(tmp_path):
+    """GPTQModel 7.6 writes AWQ checkpoints it then cannot restore (tensor schema differs, measured):
+    AWQ is not checkpointed, and the provenance says so; without a work dir nothing is checkpointed."""
+    pytest.importorskip("gptqmodel")
+    work = tmp_path / ".out.qtk-work"
+    with _resume.checkpointing(_ctx(tmp_path, work), None, "awq") as (checkpoint, details):
+        assert checkpoint is None and details["resume"].startswith("off: gptqmodel 7.6 cannot restore")
+    assert not work.exists()
+    ctx = _ctx(tmp_path, work)
+    ctx = RunContext(ctx.model, ctx.options, ctx.samples, ctx.device, ctx.out, work_dir=None)
+    with _resume.checkpointing(ctx, None, "gptq") as (checkpoint, details):
+        assert checkpoint is None and details == {"resume": "off"}

@@ -9,7 +9,8 @@ device topology; a mismatch is refused there.
 qtk puts that directory under the run's ``work_dir`` (``.<output>.qtk-work/``, beside the output, kept
 after a crash or Ctrl-C and removed after success) and adds its own identity in front of it (qtk
 options, calibration token ids, source files, versions): a changed input or option discards the old
-checkpoint and starts afresh instead of failing. Where GPTQModel cannot checkpoint (an architecture
+checkpoint and starts afresh instead of failing; so does a checkpoint GPTQModel refuses to restore.
+AWQ is not checkpointed: GPTQModel 7.6 cannot restore its own AWQ checkpoints. Where GPTQModel cannot checkpoint (an architecture
 without a state adapter, e.g. anything but llama/qwen3_moe in 7.6), the run goes on without one and the
 provenance says why.
 """
@@ -28,6 +29,10 @@ from .base import RunContext
 __all__ = ["checkpointing", "discard", "run_identity"]
 
 _IDENTITY = "qtk-identity.json"
+# Measured (SmolLM2, CPU): GPTQModel 7.6 writes AWQ checkpoints, but restoring one fails
+# ("CheckpointError: checkpoint tensor schema differs: model.layers.0.self_attn.q_proj"), so an AWQ
+# re-run would only pay for the checkpoint writes and then start over: AWQ runs without one.
+_RESTORE_BROKEN = {"awq": "gptqmodel 7.6 cannot restore its AWQ checkpoints (tensor schema differs)"}
 _STORE = "gptqmodel-checkpoint"
 
 
@@ -80,6 +85,9 @@ def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object 
     no checkpointing), and put ``details`` in the method's provenance details."""
     if ctx.work_dir is None:
         yield None, {"resume": "off"}
+        return
+    if method in _RESTORE_BROKEN:
+        yield None, {"resume": f"off: {_RESTORE_BROKEN[method]}"}
         return
     from gptqmodel.looper.checkpoint_store import CheckpointConfig
 

@@ -116,10 +116,12 @@ def quantize_resumable(ctx: RunContext, model, method: str, **kwargs) -> dict:
     with checkpointing(ctx, model, method) as (checkpoint, details):
         try:
             model.quantize(rows, checkpoint=checkpoint, **kwargs) if checkpoint else model.quantize(rows, **kwargs)
-        except Exception as exc:  # GPTQModel's own identity check refused the checkpoint: start afresh once
+        except Exception as exc:  # GPTQModel refused the checkpoint (identity, schema): start afresh once
             from gptqmodel.looper.checkpoint_store import CheckpointError
 
-            if checkpoint is None or not isinstance(exc, CheckpointError) or "identity" not in str(exc):
+            refused = isinstance(exc, CheckpointError) and any(
+                k in str(exc) for k in ("identity", "schema", "corrupt", "checksum", "missing checkpoint object"))
+            if checkpoint is None or not refused:  # e.g. "another writer owns this checkpoint directory": not ours
                 raise
             discard(ctx)
             details = {"resume": f"discarded (gptqmodel: {exc})"}
