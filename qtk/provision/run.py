@@ -23,7 +23,6 @@ stops after the plan.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
