@@ -282,9 +282,10 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
 
     Layer-wise methods (GPTQ, AWQ through GPTQModel): the model is a lazily loaded shell; one decoder
     layer at a time is materialized (BF16), worked on (float32 copies, GPTQ's float32 Hessian of the
-    widest input, AWQ's cached inputs of every linear) and offloaded, and freed heap is handed back at
-    each layer (qtk calls malloc_trim), so the peak does not grow with depth: runtime + embeddings + a
-    few copies of one layer + the calibration activations. On a GPU the layer and the activations sit in
+    widest input and its inverse, AWQ's cached inputs of every linear) and offloaded, and freed heap is
+    handed back at each layer (qtk calls malloc_trim), so the peak grows with depth only by the finished
+    layers' packed 4-bit size: runtime + embeddings + one layer's working set + the calibration
+    activations + the packed layers. On a GPU the layer and the activations sit in
     VRAM (calibrated on SmolLM2-135M on an H100: GPTQ 128x512 343 MB measured).
 
     NF4 (bitsandbytes) loads the whole model: on the CPU the BF16 checkpoint is read in full (its pages
@@ -307,8 +308,8 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
     widest = max(shape.hidden, shape.intermediate if not shape.experts else shape.expert_intermediate)
     if method == "awq":  # AWQ caches every linear's input (hidden x 4 groups + the MLP's intermediate) and
         work = tokens * (4 * shape.hidden + widest) * 2 + 2 * layer  # scales float32 copies of the group's weights
-    else:  # GPTQ: float32 Hessian of the widest input, float32 copy of the layer
-        work = 4 * widest * widest + 2 * layer
+    else:  # GPTQ: float32 Hessian of the widest input and its inverse Cholesky factor, float32 copy of the layer
+        work = 2 * 4 * widest * widest + 2 * layer
     embed = 2 * shape.params["embeddings"]
     if method == "awq":
         runtime += _AWQ_RUNTIME_EXTRA

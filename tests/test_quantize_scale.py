@@ -144,8 +144,8 @@ def test_planner_predicts_the_measured_peak_rss_within_25_percent(smol_layers, t
 
 def test_nf4_that_cannot_fit_is_refused_before_loading_and_says_it_holds_the_whole_model(qtk, tmp_path):
     """A Llama-3.1-405B-shaped config (810 GB of BF16): NF4 must hold the whole model on the CPU, so
-    quantize refuses at once, before reading any weight; the layer-wise methods' estimate does not grow
-    with depth, the whole-model one does."""
+    quantize refuses at once, before reading any weight; the layer-wise methods' estimate grows with depth
+    only by the packed 4-bit layers, the whole-model one by more than the BF16 weights."""
     import json
 
     from safetensors.torch import save_file
@@ -165,11 +165,14 @@ def test_nf4_that_cannot_fit_is_refused_before_loading_and_says_it_holds_the_who
     assert "holds the whole model" in r.output and "GB" in r.output
     assert not (tmp_path / "out").exists()
 
+    from qtk.plan import FORMATS, weight_bytes
+
     deep, shallow = shape_from_config(cfg), shape_from_config({**cfg, "num_hidden_layers": 32})
-    for method in ("gptq", "awq"):
+    bf16_growth = weight_bytes(deep, FORMATS["bf16"]) - weight_bytes(shallow, FORMATS["bf16"])
+    for method in ("gptq", "awq"):  # one layer at a time: 94 more layers add only their packed 4-bit size
         a = quantize_memory(deep, method, device="cpu", group_size=128)
         b = quantize_memory(shallow, method, device="cpu", group_size=128)
-        assert a["holds"] == "one layer" and a["host_bytes"] == pytest.approx(b["host_bytes"], rel=1e-6)
+        assert a["holds"] == "one layer" and 0 < a["host_bytes"] - b["host_bytes"] < 0.35 * bf16_growth
     a = quantize_memory(deep, "nf4", device="cpu")
     b = quantize_memory(shallow, "nf4", device="cpu")
-    assert a["holds"] == "whole model" and a["host_bytes"] > 3 * b["host_bytes"]
+    assert a["holds"] == "whole model" and a["host_bytes"] - b["host_bytes"] >= 1.4 * bf16_growth
