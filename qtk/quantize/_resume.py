@@ -12,7 +12,8 @@ options, calibration token ids, source files, versions): a changed input or opti
 checkpoint and starts afresh instead of failing; so does a checkpoint GPTQModel refuses to restore.
 AWQ is not checkpointed: GPTQModel 7.6 cannot restore its own AWQ checkpoints. Where GPTQModel cannot checkpoint (an architecture
 without a state adapter, e.g. anything but llama/qwen3_moe in 7.6), the run goes on without one and the
-provenance says why.
+provenance says why. While a checkpointed run is in flight, GPTQModel turns Ctrl-C/SIGTERM into a stop at
+the next layer boundary; qtk then exits as interrupted (130) and the same command resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +87,9 @@ def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object 
     no checkpointing), and put ``details`` in the method's provenance details."""
     if ctx.work_dir is None:
         yield None, {"resume": "off"}
+        return
+    if threading.current_thread() is not threading.main_thread():  # GPTQModel's checkpoint needs signals
+        yield None, {"resume": "off: not on the main thread"}
         return
     if method in _RESTORE_BROKEN:
         yield None, {"resume": f"off: {_RESTORE_BROKEN[method]}"}

@@ -117,7 +117,11 @@ def quantize_resumable(ctx: RunContext, model, method: str, **kwargs) -> dict:
         try:
             model.quantize(rows, checkpoint=checkpoint, **kwargs) if checkpoint else model.quantize(rows, **kwargs)
         except Exception as exc:  # GPTQModel refused the checkpoint (identity, schema): start afresh once
+            from gptqmodel.looper.checkpoint import CheckpointStopped
             from gptqmodel.looper.checkpoint_store import CheckpointError
+
+            if isinstance(exc, CheckpointStopped):  # Ctrl-C/SIGTERM, honoured at a layer boundary: resumable
+                raise KeyboardInterrupt from exc
 
             refused = isinstance(exc, CheckpointError) and any(
                 k in str(exc) for k in ("identity", "schema", "corrupt", "checksum", "missing checkpoint object"))
