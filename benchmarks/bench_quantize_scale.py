@@ -14,10 +14,13 @@ held-out perplexity vs BF16; with --stock-layers N, AWQ through GPTQModel's stoc
 (QTK_AWQ_SEARCH=stock) and through qtk's, plus GPTQ, on the first N real layers, back to back, so
 the per-layer cost of each is measured in one run (the stock path takes > 10 min on all 30 layers).
 
-memory: random-weight Llama checkpoints at SmolLM2's width (hidden 576) and the given depths, at Llama-3.2-1B's width (hidden 2048) at
---wide-layers depths (and with --big the full Llama-3.2-1B shape), built here (no download); peak RSS of each method per depth, the
-growth per layer against one layer's BF16 size, and the planner's prediction (qtk.plan.quantize_memory)
-against the measurement.
+memory: random-weight Llama checkpoints at SmolLM2's width (hidden 576) and the given depths, and at
+Llama-3.2-1B's width (hidden 2048) at --wide-layers depths (with --big the full Llama-3.2-1B shape),
+built here (no download); peak RSS of each method per depth, the growth per layer against one layer's
+BF16 size, and the planner's prediction (qtk.plan.quantize_memory) against the measurement.
+
+resume: a fresh run, then the same command killed (SIGKILL) once half the layers are checkpointed, then
+the same command again: its time against the fresh run's, and its tensors against the fresh run's.
 """
 
 from __future__ import annotations
