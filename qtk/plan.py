@@ -271,9 +271,9 @@ def quantized_format(method: str, group_size: int = 128) -> Format:
 # The quantizing process itself before any weight is loaded (Python, torch, transformers and the backend
 # imported, calibration tokenized), fitted to peak RSS measured on this project's CPU machine (2026-11,
 # torch 2.13 CPU, gptqmodel 7.6, bitsandbytes 0.50.2; BENCHMARKS.md, "qtk quantize at scale"): ~0.75 GB
-# with GPTQModel (+0.2 GB for AWQ's processor), ~0.5 GB with bitsandbytes.
+# with GPTQModel (+0.12 GB for AWQ's processor), ~0.5 GB with bitsandbytes.
 _RUNTIME_BYTES = {"layerwise": 750_000_000, "quantized_load": 500_000_000}
-_AWQ_RUNTIME_EXTRA = 200_000_000
+_AWQ_RUNTIME_EXTRA = 120_000_000
 
 
 def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: int = 128, samples: int = 128,
@@ -306,8 +306,9 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
     tokens = samples * seq_len
     hidden_acts = 3 * tokens * shape.hidden * 2  # the layer's inputs and outputs (BF16), one spare
     widest = max(shape.hidden, shape.intermediate if not shape.experts else shape.expert_intermediate)
-    if method == "awq":  # AWQ caches every linear's input (hidden x 4 groups + the MLP's intermediate) and
-        work = tokens * (4 * shape.hidden + widest) * 2 + 2 * layer  # scales float32 copies of the group's weights
+    if method == "awq":  # AWQ caches every linear's input (hidden x 4 groups + the MLP's intermediate), keeps
+        # float32 master copies of the weights it scales and a quantized scratch copy
+        work = tokens * (4 * shape.hidden + widest) * 2 + 4 * layer
     else:  # GPTQ: float32 Hessian of the widest input and its inverse Cholesky factor, float32 copy of the layer
         work = 2 * 4 * widest * widest + 2 * layer
     embed = 2 * shape.params["embeddings"]
