@@ -118,3 +118,20 @@ def test_awq_runs_without_a_checkpoint_and_says_why(tmp_path):
     ctx = RunContext(ctx.model, ctx.options, ctx.samples, ctx.device, ctx.out, work_dir=None)
     with _resume.checkpointing(ctx, None, "gptq") as (checkpoint, details):
         assert checkpoint is None and details == {"resume": "off"}
+
+
+def test_hf_cache_snapshot_sources_are_named_as_not_checkpointable(tmp_path):
+    """GPTQModel 7.6 refuses checkpoints whose source files link outside the model dir (every HF-cache
+    snapshot does): qtk sees it first and runs without a checkpoint instead of failing."""
+    from qtk.quantize._resume import _links_out_of
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (blobs / "1234").write_text("{}")
+    (snap / "config.json").symlink_to("../../blobs/1234")
+    (snap / "model.safetensors").write_bytes(b"x")
+    assert _links_out_of(snap, ["config.json", "model.safetensors"]) == "config.json"
+    (snap / "config.json").unlink()
+    (snap / "config.json").write_text("{}")
+    assert _links_out_of(snap, ["config.json", "model.safetensors"]) is None

@@ -76,6 +76,15 @@ def _prepare(work: Path, identity: dict) -> str:
     return state
 
 
+def _links_out_of(root: Path, names: list[str]) -> str | None:
+    """The first of ``names`` whose real path lies outside ``root`` (HF-cache snapshots link into blobs/)."""
+    real_root = root.resolve()
+    for name in names:
+        if (root / name).exists() and not (root / name).resolve().is_relative_to(real_root):
+            return name
+    return None
+
+
 def discard(ctx: RunContext) -> None:
     if ctx.work_dir is not None:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
@@ -102,6 +111,11 @@ def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object 
         validate_checkpoint_support(model)
     except (NotImplementedError, ValueError, ImportError) as exc:
         yield None, {"resume": f"unsupported by gptqmodel here: {exc}"}
+        return
+    escaped = _links_out_of(Path(ctx.model.path), ["config.json", *(f.name for f in ctx.model.weight_files)])
+    if escaped:  # GPTQModel's identity refuses them ("source shard escapes the model directory")
+        yield None, {"resume": f"off: gptqmodel 7.6 checkpoints need the weights inside the model directory; "
+                               f"{escaped} links outside it (an HF-cache snapshot)"}
         return
     state = _prepare(Path(ctx.work_dir), run_identity(ctx, method))
     cfg = CheckpointConfig(path=str(Path(ctx.work_dir) / _STORE), resume="auto", interval="layer:1", keep_last=2)
