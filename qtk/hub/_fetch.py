@@ -939,8 +939,15 @@ class Fetcher:
         return pos
 
     def _pwrite(self, task: _FileTask, fd: int, data: memoryview, pos: int) -> None:
+        """Write all of ``data`` at ``pos``. A nearly full filesystem accepts part of a write and returns a
+        short count (no error): the rest is written again, which then fails with ENOSPC, so a range is never
+        counted done over a hole (on tmpfs, hashing a hole through the mmap would be a SIGBUS)."""
         try:
-            os.pwrite(fd, data, pos)
+            while data:
+                n = os.pwrite(fd, data, pos)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                data, pos = data[n:], pos + n
         except OSError as exc:
             if exc.errno in _DISK_FULL:
                 raise self._disk_full(task, exc) from None
