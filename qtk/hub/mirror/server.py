@@ -97,6 +97,19 @@ class PooledRequestHandler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         pass
 
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection":
+            self._connection_header_sent = True
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        """A response on a connection the server will close says so (``Connection: close``): a client that
+        is not told puts the connection back in its pool and its next request (huggingface_hub's
+        ``get_paths_info`` POST twice in a row) meets a closed socket instead of an answer."""
+        if self.close_connection and not getattr(self, "_connection_header_sent", False):
+            self.send_header("Connection", "close")
+        super().end_headers()
+
     def read_body(self, n: int) -> bytes:
         """The request body's ``n`` bytes: what the event loop already read past the head, then the socket
         (each read bounded by the connection's timeout)."""
