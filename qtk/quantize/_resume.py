@@ -10,16 +10,37 @@ qtk puts that directory under the run's ``work_dir`` (``.<output>.qtk-work/``, b
 after a crash or Ctrl-C and removed after success) and adds its own identity in front of it (qtk
 options, calibration token ids, source files, versions): a changed input or option discards the old
 checkpoint and starts afresh instead of failing; so does a checkpoint GPTQModel refuses to restore.
-AWQ is not checkpointed: GPTQModel 7.6 cannot restore its own AWQ checkpoints. Where GPTQModel cannot checkpoint (an architecture
-without a state adapter, e.g. anything but llama/qwen3_moe in 7.6), the run goes on without one and the
-provenance says why. While a checkpointed run is in flight, GPTQModel turns Ctrl-C/SIGTERM into a stop at
-the next layer boundary; qtk then exits as interrupted (130) and the same command resumes.
+Where GPTQModel cannot checkpoint (an architecture without a state adapter, e.g. anything but
+llama/qwen3_moe in 7.6), the run goes on without one and the provenance says why. While a checkpointed
+run is in flight, GPTQModel turns Ctrl-C/SIGTERM into a stop at the next layer boundary; qtk then exits
+as interrupted (130) and the same command resumes.
+
+Two defects of GPTQModel 7.6's checkpointing are fixed here, for the duration of one run and only when
+the installed functions are the ones the fixes were written against (version and source digests; else
+the run goes on without a checkpoint and the provenance says why):
+
+- **Sources that link elsewhere** (every HF-cache snapshot: ``snapshots/<rev>/x -> ../../blobs/<oid>``).
+  GPTQModel's source identity resolves each file and refuses one whose real path leaves the model
+  directory ("source shard escapes the model directory"). What it records is the files' content sha256,
+  so where the bytes live changes nothing; qtk's version keeps the containment check on the *name*
+  (no absolute path, no ``..``: the guard against a crafted ``model.safetensors.index.json``), follows
+  the link to a regular file and hashes the same bytes: the identity is the one a plain copy of the
+  directory gets. Nothing is copied or linked, so a read-only, shared (NFS) or other-filesystem cache
+  works as it is, and the model loads from the snapshot exactly as a run without a checkpoint does.
+- **AWQ restore** ("checkpoint tensor schema differs: model.layers.0.self_attn.q_proj"). The restore
+  path rebuilds each packed layer with the kernel's constructor defaults, whose ``scales`` (and
+  ``bias``) are float16, while AWQ packs them in the weights' dtype (bfloat16 for a BF16 model); the
+  schema check then refuses its own checkpoint. qtk rebuilds those two buffers (still on the meta
+  device) in the dtype the checkpoint's bundle holds, when that is float16 or bfloat16 (the only dtypes
+  AWQ's pack writes); every other check of the restore path runs unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
+import inspect
 import json
 import shutil
 import threading
@@ -31,24 +52,26 @@ from .base import RunContext
 __all__ = ["checkpointing", "discard", "run_identity"]
 
 _IDENTITY = "qtk-identity.json"
-# Measured (SmolLM2, CPU): GPTQModel 7.6 writes AWQ checkpoints, but restoring one fails
-# ("CheckpointError: checkpoint tensor schema differs: model.layers.0.self_attn.q_proj"), so an AWQ
-# re-run would only pay for the checkpoint writes and then start over: AWQ runs without one.
-_RESTORE_BROKEN = {"awq": "gptqmodel 7.6 cannot restore its AWQ checkpoints (tensor schema differs)"}
 _STORE = "gptqmodel-checkpoint"
+_FIXED_FOR = "7.6.0"
+# sha256 of inspect.getsource(...) in GPTQModel 7.6.0 of what the fixes above replace or wrap
+_KNOWN_SOURCES = {
+    "_source_identity": "d163ebcee5acd44a4e68a69bd0e111edf50c448f23120fc278004e32982f3692",
+    "restore_packed_module": "5937fbbe31c78ec77335efe635f6c49740fac709e6d5c9571b231f02a08931cb",
+    "QuantizationCheckpointAdapter.restore": "cadb6e094607ff689e37774e9a6c8165ea024725ca1a44ba94b20bd276bc8223",
+}
+_PACKED_FLOATS = {"F16": "float16", "BF16": "bfloat16"}  # safetensors dtype -> torch, as AWQ's pack writes
 
 
 def run_identity(ctx: RunContext, method: str) -> dict:
     """What must be equal for a checkpoint to be resumed: method and options, the calibration token ids,
     the source weight files (name, size, mtime) and the library versions."""
-    import importlib.metadata as md
-
     ids = hashlib.sha256(json.dumps(ctx.samples.input_ids if ctx.samples else None).encode()).hexdigest()
     files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ctx.model.weight_files]
     versions = {}
     for dist in ("gptqmodel", "torch", "transformers"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[dist] = md.version(dist)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
     identity = {"method": method, "options": ctx.options.to_dict(), "device": ctx.device, "calibration_ids": ids,
                 "source": {"path": str(ctx.model.path), "files": files}, "versions": versions}
     return json.loads(json.dumps(identity))  # as it reads back from disk (tuples -> lists)
@@ -85,9 +108,125 @@ def _links_out_of(root: Path, names: list[str]) -> str | None:
     return None
 
 
+def _unfixable(name: str) -> str | None:
+    """Why qtk's fix of GPTQModel's ``gptq_checkpoint.<name>`` cannot be applied here (None: it can)."""
+    try:
+        version = importlib.metadata.version("gptqmodel")
+    except importlib.metadata.PackageNotFoundError:
+        return "gptqmodel is not installed"
+    if version != _FIXED_FOR:
+        return f"it is written for gptqmodel {_FIXED_FOR}, this is {version}"
+    from gptqmodel.looper import gptq_checkpoint
+
+    obj = gptq_checkpoint
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    try:
+        digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    except (OSError, TypeError):
+        digest = None
+    if digest != _KNOWN_SOURCES[name]:
+        return f"gptqmodel {version}'s {name} is not the code it was checked against"
+    return None
+
+
+def source_identity(model) -> dict:
+    """GPTQModel 7.6's checkpoint source identity (``gptq_checkpoint._source_identity``: name -> sha256 of
+    config.json and every weight shard), with its containment check on the names instead of the resolved
+    paths, so that a file may link out of the model directory (an HF-cache snapshot into ``blobs/``).
+    Same result as the stock function on a plain copy of the directory."""
+    from gptqmodel.looper.checkpoint_store import CheckpointError
+
+    root = Path(model.model_local_path)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (root / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise NotImplementedError("checkpoint requires a local safetensors source model")
+    result = {}
+    for name in ["config.json", *shards]:
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise CheckpointError("source shard escapes the model directory")
+        with (root / rel).open("rb") as stream:
+            result[name] = hashlib.file_digest(stream, "sha256").hexdigest()
+    return result
+
+
+@contextlib.contextmanager
+def _source_links_followed() -> Iterator[None]:
+    from gptqmodel.looper import gptq_checkpoint
+
+    stock = gptq_checkpoint._source_identity
+    gptq_checkpoint._source_identity = source_identity
+    try:
+        yield
+    finally:
+        gptq_checkpoint._source_identity = stock
+
+
+@contextlib.contextmanager
+def _awq_restored_in_packed_dtype() -> Iterator[None]:
+    """While it runs, GPTQModel's restore rebuilds an AWQ layer's ``scales``/``bias`` (meta tensors) in
+    the dtype its checkpoint bundle holds instead of the constructor's float16."""
+    import torch
+    from gptqmodel.looper import gptq_checkpoint
+    from gptqmodel.nn_modules.qlinear import AWQuantLinear
+
+    from .source import safetensors_header
+
+    adapter = gptq_checkpoint.QuantizationCheckpointAdapter
+    stock_restore, stock_build = adapter.restore, gptq_checkpoint.restore_packed_module
+    held: dict[str, dict] = {}  # layer name -> its bundle's safetensors header, during one restore
+
+    def restore(self, state, artifacts):
+        held.update({name: safetensors_header(Path(bundle)) for name, bundle in artifacts.items()})
+        try:
+            return stock_restore(self, state, artifacts)
+        finally:
+            held.clear()
+
+    def build(spec, *, name, **kwargs):
+        module = stock_build(spec, name=name, **kwargs)
+        if isinstance(module, AWQuantLinear):
+            for key in ("scales", "bias"):
+                buf = module._buffers.get(key)
+                dtype = _PACKED_FLOATS.get((held.get(name, {}).get(key) or {}).get("dtype"))
+                if buf is not None and dtype and buf.device.type == "meta" and buf.dtype != getattr(torch, dtype):
+                    module.register_buffer(key, torch.empty(buf.shape, dtype=getattr(torch, dtype), device="meta"))
+        return module
+
+    adapter.restore, gptq_checkpoint.restore_packed_module = restore, build
+    try:
+        yield
+    finally:
+        adapter.restore, gptq_checkpoint.restore_packed_module = stock_restore, stock_build
+
+
 def discard(ctx: RunContext) -> None:
     if ctx.work_dir is not None:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
+
+
+def _fixes(ctx: RunContext, method: str) -> tuple[dict, str | None]:
+    """The fixes of GPTQModel's checkpointing this run needs ({name: context manager factory}), or why
+    it cannot be checkpointed here."""
+    fixes = {}
+    if method == "awq":
+        why = _unfixable("restore_packed_module") or _unfixable("QuantizationCheckpointAdapter.restore")
+        if why:
+            return {}, f"gptqmodel cannot restore its AWQ checkpoints without qtk's fix, and {why}"
+        fixes["awq restore in the packed dtype"] = _awq_restored_in_packed_dtype
+    escaped = _links_out_of(Path(ctx.model.path), ["config.json", *(f.name for f in ctx.model.weight_files)])
+    if escaped:
+        why = _unfixable("_source_identity")
+        if why:
+            return {}, (f"gptqmodel refuses sources whose files link outside the model directory ({escaped} "
+                        f"does: an HF-cache snapshot) without qtk's fix, and {why}")
+        fixes["source links followed"] = _source_links_followed
+    return fixes, None
 
 
 @contextlib.contextmanager
@@ -100,8 +239,9 @@ def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object 
     if threading.current_thread() is not threading.main_thread():  # GPTQModel's checkpoint needs signals
         yield None, {"resume": "off: not on the main thread"}
         return
-    if method in _RESTORE_BROKEN:
-        yield None, {"resume": f"off: {_RESTORE_BROKEN[method]}"}
+    fixes, why_not = _fixes(ctx, method)
+    if why_not:
+        yield None, {"resume": f"off: {why_not}"}
         return
     from gptqmodel.looper.checkpoint_store import CheckpointConfig
 
@@ -112,11 +252,9 @@ def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object 
     except (NotImplementedError, ValueError, ImportError) as exc:
         yield None, {"resume": f"unsupported by gptqmodel here: {exc}"}
         return
-    escaped = _links_out_of(Path(ctx.model.path), ["config.json", *(f.name for f in ctx.model.weight_files)])
-    if escaped:  # GPTQModel's identity refuses them ("source shard escapes the model directory")
-        yield None, {"resume": f"off: gptqmodel 7.6 checkpoints need the weights inside the model directory; "
-                               f"{escaped} links outside it (an HF-cache snapshot)"}
-        return
     state = _prepare(Path(ctx.work_dir), run_identity(ctx, method))
     cfg = CheckpointConfig(path=str(Path(ctx.work_dir) / _STORE), resume="auto", interval="layer:1", keep_last=2)
-    yield cfg, {"resume": state}
+    with contextlib.ExitStack() as stack:
+        for fix in fixes.values():
+            stack.enter_context(fix())
+        yield cfg, {"resume": state, **({"resume_gptqmodel_fixes": sorted(fixes)} if fixes else {})}
