@@ -232,3 +232,48 @@ def test_address_without_ray_executor_is_refused(qtk, tmp_path):
     assert r.exit_code == 2 and "--executor ray" in r.stderr
     r = qtk("provision", str(tmp_path / "m.toml"), "--executor", "dask")
     assert r.exit_code == 2
+
+
+@pytest.mark.slow
+def test_quantize_and_verify_read_exactly_the_planned_files(upstream, qtk, tmp_path):
+    """A manifest's own include/exclude is what quantize reads, not quantize's default list: a file the
+    manifest excludes is neither fetched (generation_config.json) nor read when another pull already put
+    it in the snapshot (consolidated.safetensors, Mistral-style duplicate weights); an extra file the
+    manifest includes (LICENSE, outside quantize's default list) is in the key and in what quantize saw."""
+    pytest.importorskip("bitsandbytes")
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save
+
+    from qtk.provision import ProvisionStore
+    from qtk.quantize.run import PROVENANCE_FILE
+    from qtk.settings import Settings
+
+    d = upstream.root / "acme" / "smol"
+    (d / "consolidated.safetensors").write_bytes(save({"layers.0.attention.wq.weight": np.ones((8, 8), np.float32)}))
+    (d / "LICENSE").write_text("Apache-2.0\n")
+    r = qtk("pull", "acme/smol", "--include", "consolidated.safetensors")  # another user's pull, same snapshot
+    assert r.exit_code == 0, r.stderr
+    upstream.faults.auth_headers.clear()
+    m = write(tmp_path, model("smol", 'method = "nf4"').replace(
+        'name = "smol"\n', 'name = "smol"\ninclude = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "LICENSE"]\n'
+                           'exclude = ["consolidated.safetensors", "generation_config.json"]\n'))
+    code, s = run(qtk, m)
+    assert code == 0, s
+    planned = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "LICENSE"}
+    store = ProvisionStore(tmp_path / "store")
+    rec = store.record("qtk/smol-nf4")
+    assert set(rec["quantize_inputs"]["files"]) == planned  # what the key hashed
+    fetched = {p.split("/resolve/")[1].split("/", 1)[1].split("?")[0] for p, _a in upstream.faults.auth_headers
+               if "/resolve/" in p}
+    assert fetched <= planned and "generation_config.json" not in fetched
+    snap = Settings.from_env().hub_cache / "models--acme--smol" / "snapshots"
+    assert not list(snap.rglob("generation_config.json"))  # nothing fetched beyond the plan
+    build = store.build_dir(art(s, "qtk/smol-nf4")["keys"]["quantize"])
+    prov = json.loads((build / PROVENANCE_FILE).read_text())
+    assert set(prov["source"]["weights_sha256"]) == {"model.safetensors"}  # consolidated.* was not read
+    assert set(prov["source"]["files"]) == planned and prov["source"]["repo_id"] == "acme/smol"
+    assert prov["source"]["commit"].startswith(art(s, "qtk/smol-nf4")["source"].split("@")[1])
+    card = (build / "README.md").read_text()
+    assert "base_model: acme/smol" in card and f"acme/smol @ {prov['source']['commit']}" in card
+    assert str(store.sources) not in card

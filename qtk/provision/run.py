@@ -130,6 +130,7 @@ class _ModelPlan:
     pull_plan: object  # qtk.hub.download.PullPlan
     source: dict
     artifacts: list[tuple[Recipe, ArtifactRow, dict]]  # recipe, row, step inputs
+    view: Path | None = None  # the planned files exactly (ProvisionStore.source_view), made once pulled
 
 
 class Provisioner:
@@ -336,6 +337,16 @@ class Provisioner:
         for _r, row, _i in mp.artifacts:
             row.steps["pull"] = status
 
+    def _source_dir(self, mp: _ModelPlan) -> Path:
+        """The model's planned files and nothing else, as a checkpoint directory (in the store: the same
+        path on every node): quantize and verify read what the keys hashed, fetch nothing more."""
+        if mp.view is None:
+            p = mp.pull_plan
+            files = {f.file.path: p.root / f.file.path for f in p.files}
+            key = key_of({"v": 1, "repo": p.repo_id, "commit": p.commit, "root": str(p.root), "files": mp.source["files"]})
+            mp.view = self.store.source_view(key, files)
+        return mp.view
+
     def _artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict) -> None:
         store = self.store
         lock_name = "artifact-" + row.repo_id.replace("/", "--")
@@ -375,9 +386,11 @@ class Provisioner:
             # expired lease lets another run take it over; a method's resume checkpoint stays at its path
             work = self.store.claim_workspace(key, timeout=self.opts.lock_timeout)
             try:
+                src = self._source_dir(mp)  # exactly the files the key hashed (not the snapshot's others)
                 with output_to_file(logfile):
-                    res = quantize(mp.spec.repo, work / key, inputs["qopts"], revision=mp.pull_plan.commit,
-                                   overwrite=True, settings=self.settings, log=self.log, warn=self.warn)
+                    res = quantize(str(src), work / key, inputs["qopts"], overwrite=True, settings=self.settings,
+                                   log=self.log, warn=self.warn)
+                _name_source(work / key, src, mp)
                 if build.exists():  # an unfinished build under the final name (qtk before workspaces)
                     shutil.rmtree(build)
                 os.replace(work / key, build)
@@ -415,7 +428,7 @@ class Provisioner:
                   log=str(logfile) if logfile else None)
         t0 = time.monotonic()
         with output_to_file(logfile):
-            report = verify(str(mp.pull_plan.root), [str(build)], inputs["vopts"], log=self.log)
+            report = verify(str(self._source_dir(mp)), [str(build)], inputs["vopts"], log=self.log)
         report["models"][0]["name"] = row.source
         report["models"][1]["name"] = row.repo_id
         self.store.write_json(path, report)
@@ -625,6 +638,29 @@ class Provisioner:
             if self.store.lease is not None:
                 self.store.lease.close()
         return self.summary
+
+
+def _name_source(out: Path, view: Path, mp: _ModelPlan) -> None:
+    """quantize read the model from its view: its provenance and card name the repo and commit (and
+    the files it read), as for ``qtk quantize REPO``."""
+    from ..quantize.run import PROVENANCE_FILE
+
+    repo, commit = mp.spec.repo, mp.pull_plan.commit
+    prov_path = out / PROVENANCE_FILE
+    prov = json.loads(prov_path.read_text())
+    prov["source"] = {**prov.get("source", {}), "path": str(mp.pull_plan.root), "repo_id": repo, "commit": commit,
+                      "files": dict(mp.source["files"])}
+    tmp = prov_path.with_name(prov_path.name + ".tmp")
+    tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    os.replace(tmp, prov_path)
+    card = out / "README.md"
+    if card.is_file():
+        text = card.read_text()
+        for path in {str(view), str(view.resolve())}:
+            text = text.replace(path, f"{repo} @ {commit}")
+        tmp = card.with_name("README.md.tmp")
+        tmp.write_text(text.replace(view.name, repo))
+        os.replace(tmp, card)
 
 
 class _Stop(Exception):

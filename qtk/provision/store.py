@@ -4,6 +4,8 @@
     STORE/.qtk-provision/
         builds/<quantize key>/          quantize outputs, content-addressed by their inputs' hash
         reports/<verify key>.json       verify reports, addressed by theirs
+        sources/<source key>/           a model's planned files exactly (symlinks into the HF cache): what
+                                        quantize and verify read, so they see what the keys hashed
         artifacts/<publish key>/        published versions: the build (hard links) + report + provenance
         records/<org>--<repo>.json      the latest outcome per published repo (what `status` shows)
         locks/                          locks (qtk.hub._lock: flock, or exclusive lock files where flock
@@ -64,6 +66,7 @@ class ProvisionStore:
         self.state = self.root / STATE_DIR
         self.builds = self.state / "builds"
         self.reports = self.state / "reports"
+        self.sources = self.state / "sources"
         self.artifacts = self.state / "artifacts"
         self.records = self.state / "records"
         self.locks = self.state / "locks"
@@ -74,7 +77,8 @@ class ProvisionStore:
         self._events_mu = threading.Lock()
 
     def init(self) -> None:
-        for d in (self.builds, self.reports, self.artifacts, self.records, self.locks, self.leases, self.events_dir):
+        for d in (self.builds, self.reports, self.artifacts, self.records, self.locks, self.leases, self.events_dir,
+                  self.sources):
             d.mkdir(parents=True, exist_ok=True)
 
     def start_lease(self) -> Lease:
@@ -181,7 +185,7 @@ class ProvisionStore:
                     verdicts[lid] = lease_expired(LeaseInfo.read(lp), lp, now, ttl=ttl)
                 return verdicts[lid]
 
-            dirs = [self.builds, self.artifacts, self.reports, self.records, self.leases, self.root]
+            dirs = [self.builds, self.artifacts, self.reports, self.records, self.leases, self.sources, self.root]
             dirs += [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")] \
                 if self.root.is_dir() else []
             for d in dirs:
@@ -272,6 +276,40 @@ class ProvisionStore:
             shutil.rmtree(ws, ignore_errors=True)
         elif ws.is_dir():
             self._clean_workspace(ws)
+
+    # -- sources ----------------------------------------------------------------------------------
+
+    def source_view(self, key: str, files: dict[str, Path]) -> Path:
+        """``sources/<key>/``: a checkpoint directory holding exactly ``files`` (path in the repo -> the
+        file in the HF cache) as symlinks, so that quantize and verify read the model's planned files and
+        nothing else of its snapshot (files other pulls placed there, files the manifest excludes). The
+        key names the repo, commit, cache path and file list: a view never changes once made, and every
+        node (same paths: the store and the HF cache are shared) uses the same one."""
+        view = self.sources / key
+        if _view_matches(view, files):
+            return view
+        missing = sorted(rel for rel, target in files.items() if not target.is_file())
+        if missing:
+            raise errors.LocalNotFoundError(
+                f"{len(missing)} planned file(s) of the model are not in the HF cache: {', '.join(missing[:5])}.",
+                hint="The pull did not place them (or the cache was pruned meanwhile): run the provision again.")
+        self.sources.mkdir(parents=True, exist_ok=True)
+        tmp = self.sources / self.tmp_name(key)
+        _remove(tmp)
+        tmp.mkdir()
+        for rel, target in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, tmp / rel)
+        try:
+            os.replace(tmp, view)
+        except OSError:  # made meanwhile by another run (identical), or a broken one from a crash
+            if not _view_matches(view, files):
+                with self.lock("store", timeout=None):
+                    if not _view_matches(view, files):
+                        _remove(view)
+                        os.replace(tmp, view)
+            _remove(tmp)
+        return view
 
     # -- builds, reports --------------------------------------------------------------------------
 
@@ -368,6 +406,19 @@ def _age(p: Path, now: float) -> float:
         return now - os.lstat(p).st_mtime
     except FileNotFoundError:
         return 0.0
+
+
+def _view_matches(view: Path, files: dict[str, Path]) -> bool:
+    """``view`` holds exactly ``files``, each a symlink to its target, which exists."""
+    if not view.is_dir():
+        return False
+    have = {str(p.relative_to(view)) for p in view.rglob("*") if p.is_symlink() or not p.is_dir()}
+    if have != set(files):
+        return False
+    try:
+        return all(os.readlink(view / rel) == str(t) and t.is_file() for rel, t in files.items())
+    except OSError:
+        return False
 
 
 def _remove(p: Path) -> None:
