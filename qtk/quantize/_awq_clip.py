@@ -1,16 +1,23 @@
-"""AWQ's clip search without the giant temporary: the same search, the same numbers, ~50x faster.
+"""AWQ's clip search without the giant temporary: the same search, the same numbers, ~100x faster.
 
 GPTQModel 7.6's ``AWQProcessor._compute_best_clip`` scores each of 10 shrink ratios of a layer's
 per-group max by ``(input_feat * w).sum(-1)``: it broadcasts [1, tokens, groups, group_size] against
 [256 out-ch, 1, groups, group_size], so every step materializes a 256 x 512 x in_features tensor
 (150 MB for SmolLM2's MLP on CPU, 3.7 GB for Llama-8B's down_proj on a GPU) only to sum it away.
-That product-then-sum is a batched matrix product over the groups; :func:`compute_best_clip` does the
-same search with ``torch.bmm`` ([groups, tokens, group_size] x [groups, group_size, out-ch]).
 
-Numerics: the products are summed in float32 (the stock path rounds every bf16 product to bf16 before
-summing, so this is the more exact of the two) and the result is cast to the dtype the stock path
-produces; everything else (token subsampling, out-channel batching, the pseudo-quantizer, the bf16
-error and its strict ``<`` tie rule) is the stock code's. On float32 inputs the two agree to ~1e-7.
+:func:`compute_best_clip` runs the same search and scores each candidate by the same quantity, the
+mean over the sampled tokens of the squared output error of each (out-channel, group), but as
+``d^T G d / T`` with ``G = X^T X`` per group (group_size x group_size, computed once per layer) and
+``d`` = quantized - original weights: group_size / tokens of the products (1/8 for group 64 and the
+stock 512 tokens) and no [tokens x out-ch] temporaries. Where a group is wider than the sampled
+tokens (group_size -1 on a wide layer) it uses the token products instead, as a batched matrix
+product over the groups (``torch.bmm``).
+
+Numerics: sums in float32 (the stock path rounds every bf16 product to bf16 before summing, so this
+is the more exact of the two); the error is cast to the dtype the stock error has before the stock
+strict ``<`` comparison (its tie rule: less clipping on a tie); token subsampling, out-channel
+batching and the pseudo-quantizer are the stock code's. On float32 inputs the two pick the same clip
+(tests); on bf16 SmolLM2-shaped layers ~98 % of (channel, group) picks agree, as before.
 
 :func:`fast_clip_search` installs it on ``AWQProcessor`` for the duration of one quantization only,
 and only when the installed GPTQModel's function is the one this was written against (version and
@@ -27,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 __all__ = ["CLIP_SEARCH_FAST", "CLIP_SEARCH_STOCK", "compute_best_clip", "fast_clip_search", "stock_clip_digest"]
 
-CLIP_SEARCH_FAST = "qtk-bmm"
+CLIP_SEARCH_FAST = "qtk-gram"
 CLIP_SEARCH_STOCK = "gptqmodel-stock"
 
 # sha256 of inspect.getsource(AWQProcessor._compute_best_clip) in the GPTQModel releases this replaces
@@ -53,10 +60,26 @@ def _out_channel_batch(out_features: int, tokens: int, groups: int, budget: int 
     return max(1, min(out_features, max(stock, budget // max(per_channel, 1))))
 
 
+def _gram_errors(gram_gkk, delta_cgk, n_token: int):
+    """mean_t (sum_k x[g, t, k] * d[c, g, k])^2 = d^T (X^T X) d / T per (c, g), in float32: [c, g].
+
+    ``gram_gkk`` is X^T X per group (float32 [groups, k, k]); ``delta_cgk`` float32 [out, groups, k]."""
+    import torch
+
+    d = delta_cgk.permute(1, 0, 2)  # [g, c, k]
+    return (torch.bmm(d, gram_gkk) * d).sum(-1).t() / n_token
+
+
 def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512):
     """Drop-in for ``AWQProcessor._compute_best_clip`` (GPTQModel 7.6): same arguments, same search.
 
-    Returns the best max value per (out-channel, group): [out, n_group, 1], in ``w``'s dtype."""
+    Returns the best max value per (out-channel, group): [out, n_group, 1], in ``w``'s dtype.
+
+    The error of a clipped, quantized group is ``mean_t (x_t . (q - w))^2``, the stock code's
+    ``(cur_out - org_out).pow(2).mean()``; with ``k`` = group size <= the sampled tokens it is computed
+    as ``d^T G d / T`` with ``G = X^T X`` per group (k x k, once per layer), ``d = q - w``: k/T of the
+    products, and no [tokens x out] temporaries. It is cast to the dtype the stock error has (bf16 for a
+    bf16 layer) before the stock ``<`` comparison, so the stock tie rule (less clipping on a tie) holds."""
     import torch
 
     with torch.inference_mode():
@@ -73,7 +96,11 @@ def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float =
         out_dtype = torch.promote_types(input_feat.dtype, w_all.dtype)  # what `input_feat * w` would be
         x = input_feat[0].to(device=device, dtype=torch.float32).permute(1, 0, 2).contiguous()  # [g, t, k]
         n_group, n_token = x.shape[0], x.shape[1]
-        oc_batch = _out_channel_batch(org_w_shape[0], n_token, n_group)
+        gram = torch.bmm(x.transpose(1, 2), x) if group_size <= n_token else None  # [g, k, k]
+        if gram is not None:  # per channel: [g, c, k] float32 temporaries, about 4 of them
+            oc_batch = max(1, min(org_w_shape[0], (1 << 28) // max(org_w_shape[1] * 4 * 4, 1)))
+        else:
+            oc_batch = _out_channel_batch(org_w_shape[0], n_token, n_group)
         scratch_clamp = torch.empty_like(w_all[:oc_batch])
         scratch_quant = torch.empty_like(scratch_clamp)
         best_max_val_all = []
@@ -85,14 +112,19 @@ def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float =
             min_errs = torch.ones_like(org_max_val) * 1e9
             clamp_slice = scratch_clamp[:n]
             quant_slice = scratch_quant[:n]
-            org_out = _group_dot(x, wb[:, 0], out_dtype)  # [n_group, n_token, n]
+            w32 = wb[:, 0].to(torch.float32)
+            org_out = _group_dot(x, wb[:, 0], out_dtype) if gram is None else None  # [n_group, n_token, n]
             for i_s in range(int(max_shrink * n_grid)):
                 max_val = org_max_val * (1 - i_s / n_grid)
                 torch.clamp(wb, -max_val, max_val, out=clamp_slice)
                 self._pseudo_quantize_tensor_into(clamp_slice, quant_slice)
-                cur_out = _group_dot(x, quant_slice[:, 0], out_dtype)
-                # mean over tokens, as the stock code: [n_group, n] -> [n, 1, n_group, 1]
-                err = (cur_out - org_out).pow(2).mean(dim=1).t().reshape(min_errs.shape)
+                if gram is not None:
+                    err = _gram_errors(gram, quant_slice[:, 0].to(torch.float32) - w32, n_token)
+                    err = err.to(out_dtype).reshape(min_errs.shape)
+                else:
+                    cur_out = _group_dot(x, quant_slice[:, 0], out_dtype)
+                    # mean over tokens, as the stock code: [n_group, n] -> [n, 1, n_group, 1]
+                    err = (cur_out - org_out).pow(2).mean(dim=1).t().reshape(min_errs.shape)
                 cur_best_idx = err < min_errs
                 min_errs[cur_best_idx] = err[cur_best_idx]
                 best_max_val[cur_best_idx] = max_val[cur_best_idx]
@@ -104,28 +136,38 @@ def stock_clip_digest(fn) -> str:
     return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
 
 
-def _why_not(processor_cls) -> str | None:
-    """None when the installed GPTQModel's clip search is the one :func:`compute_best_clip` reproduces."""
+def why_not_replaceable(processor_cls, name: str, signature: tuple, known: dict[str, str],
+                        needs: tuple[str, ...] = (), what: str = "") -> str | None:
+    """None when ``processor_cls.<name>`` in the installed GPTQModel is the function qtk's replacement
+    reproduces: a version in ``known`` whose source has that sha256, with ``signature``, and the
+    methods in ``needs`` that the replacement calls. Otherwise, why not (for the user's warning)."""
     try:
         version = importlib.metadata.version("gptqmodel")
     except importlib.metadata.PackageNotFoundError:
         return "gptqmodel is not installed"
-    fn = getattr(processor_cls, "_compute_best_clip", None)
-    if fn is None or not hasattr(processor_cls, "_pseudo_quantize_tensor_into"):
-        return f"gptqmodel {version}'s AWQProcessor has no _compute_best_clip/_pseudo_quantize_tensor_into"
+    fn = getattr(processor_cls, name, None)
+    missing = [m for m in (name, *needs) if not hasattr(processor_cls, m)]
+    if fn is None or missing:
+        return f"gptqmodel {version}'s AWQProcessor has no {'/'.join(missing)}"
     params = tuple(inspect.signature(fn).parameters)
-    if params != _SIGNATURE:
-        return f"gptqmodel {version}'s _compute_best_clip takes {params}, expected {_SIGNATURE}"
-    want = _KNOWN.get(version)
+    if params != signature:
+        return f"gptqmodel {version}'s {name} takes {params}, expected {signature}"
+    want = known.get(version)
     if want is None:
-        return f"gptqmodel {version} is not a version qtk's clip search was checked against ({', '.join(_KNOWN)})"
+        return f"gptqmodel {version} is not a version qtk's {what or name} was checked against ({', '.join(known)})"
     try:
         got = stock_clip_digest(fn)
     except (OSError, TypeError) as exc:
-        return f"cannot read gptqmodel's _compute_best_clip source ({exc})"
+        return f"cannot read gptqmodel's {name} source ({exc})"
     if got != want:
-        return f"gptqmodel {version}'s _compute_best_clip differs from the one qtk's replacement reproduces"
+        return f"gptqmodel {version}'s {name} differs from the one qtk's replacement reproduces"
     return None
+
+
+def _why_not(processor_cls) -> str | None:
+    """None when the installed GPTQModel's clip search is the one :func:`compute_best_clip` reproduces."""
+    return why_not_replaceable(processor_cls, "_compute_best_clip", _SIGNATURE, _KNOWN,
+                               needs=("_pseudo_quantize_tensor_into",), what="clip search")
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ batched matrix product (:mod:`qtk.quantize._awq_clip`), version-guarded, and rec
 in the provenance (``method_details.awq_clip_search``). The scale search (20 forward passes of each
 scaled block over all calibration tokens) then dominates; it runs on micro-batches of several
 samples instead of one at a time (:func:`~qtk.quantize.gptq.forward_batch`: same outputs, byte for
-byte, measured on SmolLM2). ``QTK_AWQ_SEARCH=stock`` runs GPTQModel's own path (stock clip search, one
-sample per forward) for comparisons.
+byte, measured on SmolLM2) and scores ~14 of the 20 ratios, coarse to fine, with the stock losses
+(:mod:`qtk.quantize._awq_scale`; ``awq_scale_search``; ``QTK_AWQ_SCALE_GRID=full``: all 20).
+``QTK_AWQ_SEARCH=stock`` runs GPTQModel's own path (stock searches, one sample per forward).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 
 from ._awq_clip import fast_clip_search
+from ._awq_scale import fast_scale_search
 from .base import Method, QuantizeOptions, RunContext
 from .gptq import (
     forward_batch,
@@ -59,10 +61,13 @@ class AWQ(Method):
         stock = os.environ.get("QTK_AWQ_SEARCH", "") == "stock"
         batch = 1 if stock else forward_batch(ctx)
         with gptqmodel_logs_elsewhere(), heap_trimmed_per_layer() as heap, \
-                fast_clip_search(not stock, warn=notes.append) as clip_search:
+                fast_clip_search(not stock, warn=notes.append) as clip_search, \
+                fast_scale_search(not stock, warn=notes.append,
+                                  full_grid=os.environ.get("QTK_AWQ_SCALE_GRID", "") == "full") as scale_search:
             for note in notes:
                 logging.getLogger("qtk").warning(note)
             details = quantize_resumable(ctx, model, "awq", batch_size=batch, backend=backend)
         model.save(str(ctx.out))
-        return {**details, "awq_clip_search": clip_search, "forward_batch": batch, "host_heap": heap,
+        return {**details, "awq_clip_search": clip_search, "awq_scale_search": scale_search,
+                "forward_batch": batch, "host_heap": heap,
                 **({"awq_clip_search_note": notes[0]} if notes else {})}
