@@ -114,6 +114,16 @@ def test_ray_executor_matches_local_and_publishes_once(cluster, qtk, tmp_path):
     key = lambda e: (e["ts"], e["pid"], e["step"], e["result"], e.get("artifact"))  # noqa: E731
     assert sorted(map(key, seen)) == sorted(map(key, evs))  # every event, once, also the workers'
     assert {e["pid"] for e in seen if e["step"] == "quantize"} - {os.getpid()}  # ran in Ray workers
+    # quantize and verify are separate Ray tasks: each task has its own lease, so its own event file
+    files = {f.name: [json.loads(x) for x in f.read_text().splitlines()]
+             for f in (tmp_path / "ray-store" / ".qtk-provision" / "events").glob("*.jsonl")}
+    builder = [es for es in files.values() if any(e["step"] == "quantize" and e["result"] == "start" for e in es)]
+    assert len(builder) == 1 and not [e for e in builder[0] if e["step"] == "verify"]
+    for repo in ("qtk/smol-nf4", "qtk/smol-nf4-strict", "qtk/smol2-nf4"):
+        v = [es for es in files.values() if any(e["artifact"] == repo and e["step"] == "verify" for e in es)]
+        assert len(v) == 1 and not [e for e in v[0] if e["step"] == "quantize"], repo
+    # pulled once, by the driver, into the shared HF cache: the tasks saw it and pulled nothing
+    assert {e["pid"] for e in evs if e["step"] == "pull"} == {os.getpid()}
 
     code, s = run(qtk, tmp_path / "ray.toml", "--executor", "ray")  # nothing to do again
     assert code == 3 and all(a["steps"]["quantize"] == "cached" for a in s["artifacts"])
@@ -153,6 +163,34 @@ def test_killed_worker_is_retried_and_publishes_once(cluster, qtk, tmp_path):
     assert len(starts) == 2 and starts[0]["pid"] == killed[0] and starts[1]["pid"] != killed[0]
     assert [e["artifact"] for e in evs if e["step"] == "publish" and e["result"] == "done"] == ["qtk/smol-nf4"]
     assert not list((store / ".qtk-provision" / "builds").glob(".*"))  # the dead attempt's workspace is gone
+
+
+@pytest.mark.slow
+def test_a_task_pulls_only_what_its_node_does_not_see(cluster, tmp_path, monkeypatch):
+    """A node whose HF cache is its own (not the driver's shared one): its quantize task pulls the model
+    there first, its verify task finds it and pulls nothing; each file crosses the network once."""
+    from qtk.provision import ProvisionOptions, ProvisionStore, load_manifest
+    from qtk.provision.ray_executor import artifact_task
+    from qtk.hub.download import plan_pull
+
+    store = tmp_path / "store"
+    (tmp_path / "m.toml").write_text(MANIFEST.format(store=store).split("[[models.recipes]]\nmethod = \"nf4\"\nname")[0])
+    m = load_manifest(tmp_path / "m.toml")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "node-b-hf"))  # this "node" does not see the driver's cache
+    plan = plan_pull("acme/smol", include=m.models[0].include, exclude=m.models[0].exclude)
+    assert plan.missing and cluster.bytes_sent < plan.total_bytes
+    sent0 = cluster.bytes_sent
+    opts = ProvisionOptions(executor="ray")
+    q = artifact_task(m, opts, "run1", "smol", "qtk/smol-nf4", plan.commit, "quantize")
+    assert q["error"] is None and q["row"].steps["quantize"] == "done", q
+    assert q["row"].steps["pull"] == "done"
+    v = artifact_task(m, opts, "run1", "smol", "qtk/smol-nf4", plan.commit, "verify", q["row"])
+    assert v["error"] is None and v["row"].steps["publish"] == "done", v
+    assert v["row"].steps["pull"] == "done" and v["row"].steps["quantize"] == "done"  # the quantize task's
+    evs = ProvisionStore(store).events()
+    assert [(e["step"], e["result"]) for e in evs if e["step"] == "pull"] == [("pull", "start"), ("pull", "done")]
+    assert plan.total_bytes <= cluster.bytes_sent - sent0 < plan.total_bytes * 1.1  # once, by the quantize task
+    assert [e["step"] for e in evs if e["result"] == "start"] == ["pull", "quantize", "verify", "publish"]
 
 
 @pytest.mark.parametrize("manifest_device, driver_device, cluster_gpus, gpus", [

@@ -1,14 +1,21 @@
-"""``qtk provision MANIFEST --executor ray [--address ADDR]``: each artifact's quantize -> verify ->
-gate -> publish as one Ray task; the driver plans, pulls, streams events and writes the summary.
+"""``qtk provision MANIFEST --executor ray [--address ADDR]``: each artifact's quantize and its verify
+(verify -> gate -> publish) as two Ray tasks; the driver plans, pulls, streams events and writes the
+summary.
 
 * The driver plans every model (metadata) and pulls each model once into the HF cache, which, like the
-  store, must be on storage every node sees (NFS is the common case) at the same path.
-* Each (model, recipe) is a Ray task asking for one GPU (``num_gpus=1``) when the manifest's device is
-  ``cuda``, or ``auto`` on a cluster with GPUs (the driver needs none), else one CPU slot. The task re-plans its model at the driver's pinned
-  commit (metadata only), so its keys use its own node's toolchain, and runs the same code as the local
-  executor, under the same store locks, with its own lease and event file.
+  store, should be on storage every node sees (NFS is the common case) at the same path. A task checks
+  its model's files against its own node's view of the cache and pulls only what it does not see (a
+  node-local cache: once per node, qtk pull's locks make a second task wait and find it there).
+* Each (model, recipe) quantize is a Ray task asking for one GPU (``num_gpus=1``) when the manifest's
+  device is ``cuda``, or ``auto`` on a cluster with GPUs (the driver needs none), else one CPU slot; its
+  verify task asks for the same, is submitted when the quantize task succeeded, and prefers the node
+  that wrote the build (soft node affinity: elsewhere if that node is gone). A task re-plans its model
+  at the driver's pinned commit (metadata only), so its keys use its own node's toolchain, and runs the
+  local executor's code, under the same store locks (the artifact's, the build's, publishing's), with
+  its own lease and event file.
 * Events reach the driver while tasks run: each task writes its own event file in the store (shared
-  storage), which the driver follows and forwards; the summary and exit codes are the local executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
+  storage), which the driver follows and forwards; the summary and exit codes are the local
+  executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
   what the dead attempt finished under its input-hash key and the published version under its key, so
   nothing is published twice; the dead attempt's build workspace is taken over once its lease expired
   (at once on the same host, after ``QTK_LEASE_TTL`` seconds from another one).
@@ -25,7 +32,7 @@ from dataclasses import replace
 
 from .. import errors
 
-__all__ = ["run_on_ray", "RemoteStepError", "MAX_RETRIES"]
+__all__ = ["run_on_ray", "artifact_task", "RemoteStepError", "MAX_RETRIES", "STAGES"]
 
 MAX_RETRIES = 3  # Ray re-runs a task whose worker process or node died (not a task that raised)
 _PASSED = ("HF_", "QTK_", "HUGGINGFACE_", "GPTQMODEL_", "CUDA_")
@@ -59,12 +66,24 @@ def _import_ray():
     return ray
 
 
-def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, commit: str) -> dict:
-    """One artifact on a Ray worker: the local executor's steps, its failures recorded (not raised).
-    Its events go to its own file in the store, which the driver follows."""
+STAGES = ("quantize", "verify")  # one Ray task each; "verify" = verify, gate, publish
+
+
+def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, commit: str,
+                  stage: str = "quantize", before=None) -> dict:
+    """One stage of one artifact on a Ray worker, with the local executor's code: ``quantize``, or
+    ``verify`` (verify, gate, publish the build the quantize task left under its key; ``before`` is the
+    quantize task's row). Its failures are recorded, not raised; its events go to its own file in the
+    store, which the driver follows. The model's files come from the shared HF cache; what this node
+    does not see there (a node-local cache) it pulls itself first (resumable, under qtk pull's locks:
+    once per node)."""
+    import ray
+
     from .lease import host_id
     from .run import Provisioner
 
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
     opts = replace(opts, keep_going=True, executor="local", shard=None, only=())
     prov = Provisioner(manifest, opts)
     prov.summary.run_id = run_id
@@ -78,9 +97,12 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
         mp = prov._plan_model(spec)
         prov._state(mp)
         r, row, inputs = mp.artifacts[0]
-        if mp.pull_plan.missing:  # a node that does not see the driver's HF cache: pull here (resumable)
+        if before is not None:  # what the quantize task did (this task's own plan sees the build as done)
+            for step in ("pull", "quantize"):
+                row.steps[step], row.reasons[step] = before.steps[step], before.reasons.get(step)
+        if mp.pull_plan.missing:  # a node that does not see the driver's HF cache
             prov._pull(mp)
-        prov._run_artifact(mp, r, row, inputs)
+        prov._run_artifact(mp, r, row, inputs, stages=(stage,))
         error = row.error
     except Exception as exc:  # noqa: BLE001 - planning failed on this node
         from .run import _error_dict
@@ -89,7 +111,7 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
         prov.emit("plan", "error", model=model_name, artifact=repo_id, error=error)
     finally:
         prov.store.lease.close()
-    return {"row": row, "error": error, "node": host_id()}
+    return {"row": row, "error": error, "host": host_id(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _resources(ray, manifest_device: str, driver_device: str) -> dict:
@@ -123,22 +145,36 @@ def _run_on_ray(prov, plans: list) -> None:
     resources = _resources(ray, prov.m.device, prov.device)
     follow = _EventFollower(prov)
     drain = follow.poll
+    args = {}  # repo id -> the task's arguments
+
+    def submit(row, stage: str, t0: float, *, before=None, node_id: str | None = None) -> None:
+        place = {}
+        if node_id:  # verify where the build was just written (page cache, a node-local HF cache); elsewhere
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # if that node is gone
+
+            place = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
+        ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, name=f"qtk {stage} {row.repo_id}",
+                           runtime_env={"env_vars": env}, **resources, **place).remote(
+            *args[row.repo_id], stage, before)
+        pending[ref] = (row, stage, t0)
 
     try:
         for mp in plans:
             if not prov._pull_or_fail(mp):  # once per model, into the shared HF cache
                 continue
             for _recipe, row, _inputs in mp.artifacts:
-                ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, name=f"qtk {row.repo_id}",
-                                   runtime_env={"env_vars": env}, **resources).remote(
-                    prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id, mp.pull_plan.commit)
-                pending[ref] = (row, time.monotonic())
+                args[row.repo_id] = (prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id,
+                                     mp.pull_plan.commit)
+                submit(row, "quantize", time.monotonic())
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             drain()
             for ref in done:
-                row, t0 = pending.pop(ref)
-                _collect(prov, ray, ref, row, t0)
+                row, stage, t0 = pending.pop(ref)
+                out = _collect(prov, ray, ref, row, t0)
+                if stage == "quantize" and not row.error:  # its verify task: the same resources
+                    submit(row, "verify", t0, before=out["row"], node_id=out.get("node_id"))
+                    continue
                 if (row.error or row.gate_failures) and not prov.opts.keep_going:
                     raise _Stop
     finally:
@@ -184,8 +220,8 @@ class _EventFollower:
                     self.prov.on_event(event)
 
 
-def _collect(prov, ray, ref, row, t0: float) -> None:
-    """Fold a finished task into the driver's row and summary."""
+def _collect(prov, ray, ref, row, t0: float) -> dict:
+    """Fold a finished task into the driver's row and summary; returns the task's output."""
     try:
         out = ray.get(ref)
     except Exception as exc:  # noqa: BLE001 - retries exhausted (nodes kept dying) or a Ray error
@@ -202,3 +238,4 @@ def _collect(prov, ray, ref, row, t0: float) -> None:
     row.seconds = round(time.monotonic() - t0, 2)
     if out["error"] and prov.summary.first_error is None:
         prov.summary.first_error = RemoteStepError(out["error"])
+    return out

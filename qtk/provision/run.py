@@ -343,11 +343,15 @@ class Provisioner:
         if mp.view is None:
             p = mp.pull_plan
             files = {f.file.path: p.root / f.file.path for f in p.files}
-            key = key_of({"v": 1, "repo": p.repo_id, "commit": p.commit, "root": str(p.root), "files": mp.source["files"]})
+            key = key_of({"v": 1, "repo": p.repo_id, "commit": p.commit, "root": str(p.root),
+                          "files": mp.source["files"]})
             mp.view = self.store.source_view(key, files)
         return mp.view
 
-    def _artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict) -> None:
+    def _artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict,
+                  stages: tuple[str, ...] = ("quantize", "verify")) -> None:
+        """``stages``: both here (the local executor), or one per Ray task: ``quantize``, then ``verify``
+        (verify, gate, publish) on the build the quantize task left under its key."""
         store = self.store
         lock_name = "artifact-" + row.repo_id.replace("/", "--")
 
@@ -356,7 +360,9 @@ class Provisioner:
                       reason="another qtk provision is working on this artifact")
 
         with store.lock(lock_name, timeout=self.opts.lock_timeout, on_wait=waiting):
-            build = self._quantize(mp, row, inputs)
+            build = self._quantize(mp, row, inputs) if "quantize" in stages else self._built(row, inputs)
+            if "verify" not in stages:
+                return
             report = self._verify(mp, row, inputs, build)
             if not self._gate(mp, recipe, row, inputs, report):
                 return
@@ -404,6 +410,20 @@ class Provisioner:
                       bytes=size, device=res.provenance.get("device"))
         row.steps["quantize"] = "done"
         self._note_inputs(row, inputs)
+        return build
+
+    def _built(self, row: ArtifactRow, inputs: dict) -> Path:
+        """The build a quantize task finished under this artifact's key (a verify task's input)."""
+        from ..quantize.run import PROVENANCE_FILE
+
+        build = self.store.build_dir(inputs["keys"]["quantize"])
+        if not (build / PROVENANCE_FILE).is_file():
+            raise errors.ProvisionFailedError(
+                f"{row.repo_id}: no finished build under quantize key {inputs['keys']['quantize']} on this node "
+                f"({self.store.builds}).",
+                hint="The verify task's node computes another key than the quantize task's (a different toolchain "
+                     "or device class: see the quantize reason) or does not see the store: give every node the same "
+                     "versions and the same shared store path.")
         return build
 
     def _note_inputs(self, row: ArtifactRow, inputs: dict) -> None:
@@ -573,13 +593,14 @@ class Provisioner:
             return False
         return True
 
-    def _run_artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict) -> None:
-        """quantize -> verify -> gate -> publish for one artifact; a failure is recorded (and, without
-        --keep-going, stops the run)."""
+    def _run_artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict,
+                      stages: tuple[str, ...] = ("quantize", "verify")) -> None:
+        """quantize -> verify -> gate -> publish for one artifact (or ``stages`` of it); a failure is
+        recorded (and, without --keep-going, stops the run)."""
         t1 = time.monotonic()
         step = lambda: next((s for s in STEPS if row.steps[s] in ("to run", "to check", "-")), "publish")  # noqa: E731
         try:
-            self._artifact(mp, recipe, row, inputs)
+            self._artifact(mp, recipe, row, inputs, stages)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, model=mp.spec.name, rows=[row], step=step())
         finally:
