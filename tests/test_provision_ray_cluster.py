@@ -39,7 +39,9 @@ pytest.importorskip("torch")
 pytest.importorskip("gptqmodel")
 pytest.importorskip("bitsandbytes")
 
-RAY = Path(sys.executable).with_name("ray")
+RAY = Path(sys.executable).with_name("ray") if Path(sys.executable).with_name("ray").is_file() else shutil.which("ray")
+if RAY is None:
+    pytest.skip("the `ray` command is not installed", allow_module_level=True)
 MODELS = ("tiny0", "tiny1", "tiny2")
 
 MANIFEST = """\
@@ -240,10 +242,16 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def local_reference(tiny_upstream, tmp_path_factory):
+def shared_hf(tmp_path_factory) -> Path:
+    """The HF cache every node sees (shared storage): the first run fills it, the others find it."""
+    return tmp_path_factory.mktemp("hf")
+
+
+@pytest.fixture(scope="module")
+def local_reference(tiny_upstream, shared_hf, tmp_path_factory):
     """The same manifest provisioned by the local executor: what the Ray runs must publish, byte for byte."""
     d = tmp_path_factory.mktemp("local")
-    code, s = provision_cli(write_manifest(d, d / "store"), env_for(tiny_upstream, d))
+    code, s = provision_cli(write_manifest(d, d / "store"), env_for(tiny_upstream, shared_hf))
     assert code == 0, s
     return published(d / "store")
 
@@ -254,10 +262,10 @@ def write_manifest(d: Path, store: Path) -> Path:
     return m
 
 
-def env_for(upstream, d: Path, cluster: LocalRayCluster | None = None) -> dict:
+def env_for(upstream, hf: Path, cluster: LocalRayCluster | None = None) -> dict:
     env = {k: v for k, v in (cluster.env if cluster else os.environ).items()
            if not k.startswith(("HF_", "QTK_", "RAY_ADDRESS"))}
-    return {**env, "HF_ENDPOINT": upstream.url, "HF_HOME": str(d.parent / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1",
+    return {**env, "HF_ENDPOINT": upstream.url, "HF_HOME": str(hf), "HF_HUB_DISABLE_TELEMETRY": "1",
             "QTK_LEASE_TTL": "30", "GPTQMODEL_CPU_WORKERS": "2"}
 
 
@@ -304,8 +312,8 @@ EVERYTHING = sorted(f"qtk/{n}-{r}" for n in MODELS for r in ("gptq", "nf4"))
 
 
 @pytest.mark.slow
-def test_a_worker_node_killed_mid_task_everything_published_once_as_local(ray_cluster, tiny_upstream, local_reference,
-                                                                          tmp_path):
+def test_a_worker_node_killed_mid_task_everything_published_once_as_local(ray_cluster, tiny_upstream, shared_hf,
+                                                                          local_reference, tmp_path):
     from qtk.provision import ProvisionStore
 
     if len(ray_cluster.workers()) < 2:
@@ -329,7 +337,7 @@ def test_a_worker_node_killed_mid_task_everything_published_once_as_local(ray_cl
     t = threading.Thread(target=killer)
     t.start()
     try:
-        code, s = provision_cli(m, env_for(tiny_upstream, tmp_path, ray_cluster), "--executor", "ray",
+        code, s = provision_cli(m, env_for(tiny_upstream, shared_hf, ray_cluster), "--executor", "ray",
                                 "--address", ray_cluster.address)
     finally:
         killed.append(("", {}))  # stops the killer if the run ended first
@@ -344,15 +352,17 @@ def test_a_worker_node_killed_mid_task_everything_published_once_as_local(ray_cl
     again = [e for e in evs if e["step"] == "quantize" and e["result"] == "start" and e["artifact"] == victim["artifact"]]
     assert len(again) == 2 and again[1]["pid"] != victim["pid"]  # Ray re-ran the task on the other node
     assert not list((store / ".qtk-provision" / "builds").glob(".*"))  # the dead attempt's workspace is gone
+    # the HF cache is shared storage, filled by the first run: no node (nor the driver) downloaded anything
+    assert s["bytes_downloaded"] == 0 and not [e for e in evs if e["step"] == "pull" and e["result"] != "skipped"]
 
 
 @pytest.mark.slow
-def test_two_drivers_at_once_on_one_store(ray_cluster, tiny_upstream, local_reference, tmp_path):
+def test_two_drivers_at_once_on_one_store(ray_cluster, tiny_upstream, shared_hf, local_reference, tmp_path):
     if len(ray_cluster.workers()) < 2:
         ray_cluster.add_worker()
     store = tmp_path / "store"
     m = write_manifest(tmp_path, store)
-    env = env_for(tiny_upstream, tmp_path, ray_cluster)
+    env = env_for(tiny_upstream, shared_hf, ray_cluster)
     args = ("--executor", "ray", "--address", ray_cluster.address)
     first = provision_cli(m, env, *args, wait=False)
     second = provision_cli(m, env, *args, wait=False)
