@@ -5,8 +5,10 @@ time because wall time on a shared machine measures the neighbours too.
 
     python benchmarks/bench_quantize_scale.py speed                  # SmolLM2-135M, all 30 layers
     python benchmarks/bench_quantize_scale.py speed --stock-layers 4  # + GPTQModel's own AWQ path on 4 layers
+    python benchmarks/bench_quantize_scale.py speed --methods gptq awq --awq-variants grid20  # + AWQ, all 20 ratios
     python benchmarks/bench_quantize_scale.py memory --layers 8 16 32 --big   # synthetic Llama shapes
     python benchmarks/bench_quantize_scale.py resume --methods gptq --layers 30   # kill at half, re-run
+    python benchmarks/bench_quantize_scale.py resume --methods gptq --from-cache  # the same, source in an HF cache
     python benchmarks/bench_quantize_scale.py speed --json out.json
 
 speed: nf4, gptq and awq on the same model and calibration (group 64, 16 x 256 tokens by default),
@@ -157,10 +159,16 @@ def speed(args) -> dict:
         bf16[layers] = perplexity(full, eval_ids)
         print(f"{layers:2d} layers  bf16 ppl {bf16[layers]:.3f}", flush=True)
         res = {m: one(full, layers, m, "qtk") for m in args.methods}
+        # AWQ variants on the same model and calibration: qtk's code with the stock 20-ratio grid, GPTQModel's
+        # own path (slow: > 10 min of CPU)
+        variants = {"grid20": {"QTK_AWQ_SCALE_GRID": "full"}, "stock": {"QTK_AWQ_SEARCH": "stock"}}
+        extra = {v: one(full, layers, "awq", v, variants[v]) for v in args.awq_variants}
         if "gptq" in res and "awq" in res:
+            g, a = res["gptq"], res["awq"]
             report["full_compare"] = {
-                "awq_over_gptq_cpu": res["awq"]["cpu_s"] / res["gptq"]["cpu_s"],
-                "awq_over_gptq_wall": res["awq"]["wall_s"] / res["gptq"]["wall_s"],
+                "awq_over_gptq_cpu": a["cpu_s"] / g["cpu_s"], "awq_over_gptq_wall": a["wall_s"] / g["wall_s"],
+                **{f"awq_{v}_over_gptq_cpu": r["cpu_s"] / g["cpu_s"] for v, r in extra.items()},
+                **{f"awq_ppl_over_awq_{v}": a["ppl"] / r["ppl"] for v, r in extra.items()},
                 **{f"{m}_ppl_x_bf16": r["ppl"] / bf16[layers] for m, r in res.items()}}
             print(json.dumps(report["full_compare"], indent=1), flush=True)
     report["bf16_ppl"] = bf16
@@ -294,6 +302,30 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return True
 
 
+def _as_hf_cache(src: Path, hub: Path, repo_id: str) -> str:
+    """``src`` laid out as an HF-cache snapshot under ``hub`` (blobs/ named by sha256, hardlinked where the
+    filesystem allows; snapshots/<commit>/ symlinks into them; refs/main), as `qtk pull` leaves a repo."""
+    import hashlib
+
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in sorted(p for p in src.iterdir() if p.is_file()):
+        with open(f, "rb") as fh:
+            blob = repo / "blobs" / hashlib.file_digest(fh, "sha256").hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            try:
+                os.link(f, blob)
+            except OSError:
+                shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo_id
+
+
 def resume(args) -> dict:
     """Fresh run, then the same command killed (SIGKILL) once half the layers are checkpointed, then the
     same command again: its time against the fresh run's, and its tensors against the fresh run's."""
@@ -305,17 +337,21 @@ def resume(args) -> dict:
     src = full if args.layers == 30 else build_bf16_checkpoint(
         CACHE / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=full)
     work = Path(tempfile.mkdtemp(prefix="qtk-bench-resume-"))
-    report = {**machine(), "model_layers": args.layers, "runs": {}}
+    report = {**machine(), "model_layers": args.layers, "from_cache": args.from_cache, "runs": {}}
     kw = dict(group_size=args.group_size, samples=args.samples, seq_len=args.seq_len)
+    # --from-cache: the killed and the resumed run quantize a repo id from an HF cache (offline), the fresh
+    # run (the anchor for time and bytes) the plain directory
+    cache_env = {"HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1"} if args.from_cache else {}
+    spec = Path(_as_hf_cache(src, work / "hf" / "hub", "bench/smollm2")) if args.from_cache else src
     for method in args.methods:
         fresh = run_qtk(src, work / f"{method}-fresh", method, **kw)
         out = work / f"{method}-resumed"
-        cmd = [PY, "-m", "qtk", "quantize", str(src), "--method", method, "--group-size", str(args.group_size),
+        cmd = [PY, "-m", "qtk", "quantize", str(spec), "--method", method, "--group-size", str(args.group_size),
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--calibration", "chat",
                "--device", "cpu", "-o", str(out), "--json"]
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+                             env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2", **cache_env})
         ck = work / f".{out.name}.qtk-work"
         while _published_layers(ck) < args.layers // 2 and p.poll() is None:
             time.sleep(0.05)
@@ -323,7 +359,7 @@ def resume(args) -> dict:
         p.wait()
         killed_after = time.perf_counter() - t0
         published = _published_layers(ck)
-        resumed = run_qtk(src, out, method, **kw)
+        resumed = run_qtk(spec, out, method, **kw, env_extra=cache_env)
         r = {"fresh": fresh, "killed_after_s": killed_after, "layers_published_at_kill": published,
              "resumed": resumed, "resumed_over_fresh_wall": resumed["wall_s"] / fresh["wall_s"],
              "resumed_over_fresh_cpu": resumed["cpu_s"] / fresh["cpu_s"],
@@ -347,10 +383,14 @@ def main() -> None:
     s.add_argument("--methods", nargs="+", default=["nf4", "gptq", "awq"])
     s.add_argument("--stock-layers", type=int, default=0, help="also compare GPTQModel's stock AWQ on N layers")
     s.add_argument("--skip-full", action="store_true", help="only the --stock-layers comparison")
+    s.add_argument("--awq-variants", nargs="*", default=[], choices=["grid20", "stock"],
+                   help="also AWQ on all layers with the stock 20-ratio scale grid (qtk's code) / GPTQModel's own path")
     s.add_argument("--eval-tokens", type=int, default=2048)
     rs = sub.add_parser("resume")
     rs.add_argument("--methods", nargs="+", default=["gptq", "awq"])
     rs.add_argument("--layers", type=int, default=30, help="SmolLM2's first N layers (30: all)")
+    rs.add_argument("--from-cache", action="store_true",
+                    help="kill and resume a run of a repo id from an HF cache (the fresh run: the plain dir)")
     m = sub.add_parser("memory")
     m.add_argument("--methods", nargs="+", default=["nf4", "gptq", "awq"])
     m.add_argument("--layers", nargs="+", type=int, default=[8, 16, 32])

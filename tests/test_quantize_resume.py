@@ -55,6 +55,26 @@ def test_identity_decides_resume_or_discard(tmp_path):
     assert _resume._prepare(work, ident).startswith("discarded")
 
 
+@pytest.mark.parametrize("env, run_args, changed", [
+    ({"QTK_AWQ_SEARCH": "stock"}, {}, "qtk"),  # another search path of qtk's own code
+    ({"QTK_AWQ_SCALE_GRID": "full"}, {}, "qtk"),
+    ({}, {"batch_size": 4}, "run_args"),  # GPTQ's Hessian sums depend on the batching
+    ({}, {"backend": "auto"}, "run_args"),
+    ({"QTK_DEBUG": "1", "QTK_TEST_CACHE": "/elsewhere"}, {}, None),  # selects no algorithm: resumed
+])
+def test_what_selects_the_algorithm_is_part_of_the_identity(tmp_path, monkeypatch, env, run_args, changed):
+    work = tmp_path / ".out.qtk-work"
+    ctx = _ctx(tmp_path, work)
+    base = {"batch_size": 1, "backend": "awq_torch"}
+    assert _resume._prepare(work, _resume.run_identity(ctx, "awq", base)) == "fresh"
+    (work / _resume._STORE).mkdir()
+    (work / _resume._STORE / "CURRENT").write_text("{}")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    state = _resume._prepare(work, _resume.run_identity(ctx, "awq", {**base, **run_args}))
+    assert state == "resumed" if changed is None else state == f"discarded (changed: {changed})"
+
+
 def _cursor(work: Path) -> int:
     """The number of layers GPTQModel's checkpoint has published (0: none)."""
     try:
@@ -133,6 +153,8 @@ def test_killed_run_resumes_to_the_same_bytes(method, smol_layers, smol_in_hf_ca
     assert json.loads(r.stdout)["method_details"]["resume"] == "fresh"
 
     src = repo if method == "gptq" else plain
+    cache_repo = snap.parent.parent
+    cache_before = sorted((str(p), p.is_symlink()) for p in cache_repo.rglob("*"))
     out, work = tmp_path / "resumed", tmp_path / ".resumed.qtk-work"
     _kill_after_first_layer(_quantize_cmd(src, out, method), work, env)
     assert _cursor(work) == 1 and not out.exists()  # one of two layers published, no output yet
@@ -145,6 +167,8 @@ def test_killed_run_resumes_to_the_same_bytes(method, smol_layers, smol_in_hf_ca
     if method == "gptq":
         assert prov["source"]["path"] == str(snap) and prov["source"]["repo_id"] == repo
     assert not work.exists()
+    # nothing was written, copied or linked into the cache (a read-only or shared cache works the same)
+    assert sorted((str(p), p.is_symlink()) for p in cache_repo.rglob("*")) == cache_before
     _same_tensors(fresh, out)
 
 

@@ -42,6 +42,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -63,9 +64,23 @@ _KNOWN_SOURCES = {
 _PACKED_FLOATS = {"F16": "float16", "BF16": "bfloat16"}  # safetensors dtype -> torch, as AWQ's pack writes
 
 
-def run_identity(ctx: RunContext, method: str) -> dict:
+def _qtk_code() -> dict:
+    """What selects qtk's own quantization code: its version, a digest of the quantize package's sources (a
+    changed search in ``_awq_clip.py`` must not finish a half-run of the old one) and the environment
+    switches that pick a search path (``QTK_AWQ_*``, ``QTK_GPTQ_*``)."""
+    from .. import __version__
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("QTK_AWQ_", "QTK_GPTQ_"))}
+    return {"version": __version__, "quantize_sources_sha256": digest.hexdigest(), "env": env}
+
+
+def run_identity(ctx: RunContext, method: str, run_args: dict | None = None) -> dict:
     """What must be equal for a checkpoint to be resumed: method and options, the calibration token ids,
-    the source weight files (name, size, mtime) and the library versions."""
+    the source weight files (name, size, mtime), the library versions, qtk's own code and the arguments of
+    GPTQModel's ``quantize`` (``run_args``: batch size, backend)."""
     ids = hashlib.sha256(json.dumps(ctx.samples.input_ids if ctx.samples else None).encode()).hexdigest()
     files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ctx.model.weight_files]
     versions = {}
@@ -73,7 +88,8 @@ def run_identity(ctx: RunContext, method: str) -> dict:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[dist] = importlib.metadata.version(dist)
     identity = {"method": method, "options": ctx.options.to_dict(), "device": ctx.device, "calibration_ids": ids,
-                "source": {"path": str(ctx.model.path), "files": files}, "versions": versions}
+                "source": {"path": str(ctx.model.path), "files": files}, "versions": versions,
+                "qtk": _qtk_code(), "run_args": {k: str(v) for k, v in sorted((run_args or {}).items())}}
     return json.loads(json.dumps(identity))  # as it reads back from disk (tuples -> lists)
 
 
@@ -230,9 +246,10 @@ def _fixes(ctx: RunContext, method: str) -> tuple[dict, str | None]:
 
 
 @contextlib.contextmanager
-def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object | None, dict]]:
-    """Yields ``(checkpoint, details)``: pass ``checkpoint`` to ``model.quantize(checkpoint=...)`` (None:
-    no checkpointing), and put ``details`` in the method's provenance details."""
+def checkpointing(ctx: RunContext, model, method: str, run_args: dict | None = None
+                  ) -> Iterator[tuple[object | None, dict]]:
+    """Yields ``(checkpoint, details)``: pass ``checkpoint`` to ``model.quantize(checkpoint=..., **run_args)``
+    (None: no checkpointing), and put ``details`` in the method's provenance details."""
     if ctx.work_dir is None:
         yield None, {"resume": "off"}
         return
@@ -252,7 +269,7 @@ def checkpointing(ctx: RunContext, model, method: str) -> Iterator[tuple[object 
     except (NotImplementedError, ValueError, ImportError) as exc:
         yield None, {"resume": f"unsupported by gptqmodel here: {exc}"}
         return
-    state = _prepare(Path(ctx.work_dir), run_identity(ctx, method))
+    state = _prepare(Path(ctx.work_dir), run_identity(ctx, method, run_args))
     cfg = CheckpointConfig(path=str(Path(ctx.work_dir) / _STORE), resume="auto", interval="layer:1", keep_last=2)
     with contextlib.ExitStack() as stack:
         for fix in fixes.values():

@@ -113,7 +113,7 @@ def quantize_resumable(ctx: RunContext, model, method: str, **kwargs) -> dict:
     from ._resume import checkpointing, discard
 
     rows = calibration_rows(ctx)
-    with checkpointing(ctx, model, method) as (checkpoint, details):
+    with checkpointing(ctx, model, method, kwargs) as (checkpoint, details):
         try:
             model.quantize(rows, checkpoint=checkpoint, **kwargs) if checkpoint else model.quantize(rows, **kwargs)
         except Exception as exc:  # GPTQModel refused the checkpoint (identity, schema): start afresh once
@@ -129,7 +129,7 @@ def quantize_resumable(ctx: RunContext, model, method: str, **kwargs) -> dict:
                 raise
             discard(ctx)
             details = {"resume": f"discarded (gptqmodel: {exc})"}
-            with checkpointing(ctx, model, method) as (checkpoint, _):
+            with checkpointing(ctx, model, method, kwargs) as (checkpoint, _):
                 model.quantize(rows, checkpoint=checkpoint, **kwargs)
     return details
 
