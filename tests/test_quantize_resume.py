@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qtk.quantize import _resume
 from qtk.quantize.base import QuantizeOptions, RunContext
@@ -264,3 +266,15 @@ def test_source_identity_refuses_shard_names_out_of_the_directory(tmp_path, shar
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
     with pytest.raises(CheckpointError, match="escapes the model directory"):
         _resume.source_identity(type("M", (), {"model_local_path": str(model_dir)})())
+
+
+@given(st.lists(st.sampled_from(["..", ".", "", "a", "b.safetensors", "/", "//", "\\", "..a", "a..", "~"]),
+                min_size=0, max_size=6))
+def test_a_shard_name_accepted_stays_below_the_model_directory(parts):
+    """Property: any name the check accepts, joined to the model directory and normalized lexically, is below
+    the directory (never the directory itself, never outside it)."""
+    name = "/".join(parts)
+    if _resume._names_a_file_inside(name):
+        root = "/models/m"
+        joined = os.path.normpath(os.path.join(root, name))
+        assert joined.startswith(root + "/"), name

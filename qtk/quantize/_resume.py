@@ -146,6 +146,13 @@ def _unfixable(name: str) -> str | None:
     return None
 
 
+def _names_a_file_inside(name: str) -> bool:
+    """Whether ``name`` (from ``model.safetensors.index.json``) names a path below the model directory by
+    its spelling: relative, no ``..``, not the directory itself."""
+    rel = Path(name)
+    return isinstance(name, str) and not rel.is_absolute() and ".." not in rel.parts and bool(rel.parts)
+
+
 def source_identity(model) -> dict:
     """GPTQModel 7.6's checkpoint source identity (``gptq_checkpoint._source_identity``: name -> sha256 of
     config.json and every weight shard), with its containment check on the names instead of the resolved
@@ -163,10 +170,9 @@ def source_identity(model) -> dict:
         raise NotImplementedError("checkpoint requires a local safetensors source model")
     result = {}
     for name in ["config.json", *shards]:
-        rel = Path(name)
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        if not _names_a_file_inside(name):
             raise CheckpointError("source shard escapes the model directory")
-        with (root / rel).open("rb") as stream:
+        with (root / name).open("rb") as stream:
             result[name] = hashlib.file_digest(stream, "sha256").hexdigest()
     return result
 
