@@ -312,6 +312,25 @@ EVERYTHING = sorted(f"qtk/{n}-{r}" for n in MODELS for r in ("gptq", "nf4"))
 
 
 @pytest.mark.slow
+def test_two_drivers_at_once_on_one_store(ray_cluster, tiny_upstream, shared_hf, local_reference, tmp_path):
+    """Runs before the node-killing test (file order): the cluster still has both workers."""
+    if len(ray_cluster.workers()) < 2:
+        ray_cluster.add_worker()
+    store = tmp_path / "store"
+    m = write_manifest(tmp_path, store)
+    env = env_for(tiny_upstream, shared_hf, ray_cluster)
+    args = ("--executor", "ray", "--address", ray_cluster.address)
+    first = provision_cli(m, env, *args, wait=False)
+    second = provision_cli(m, env, *args, wait=False)
+    (c1, s1), (c2, s2) = finish(first), finish(second)
+    assert c1 == c2 == 0, (s1, s2)
+    assert publishes(store) == EVERYTHING  # between the two runs, each artifact once
+    assert published(store) == local_reference
+    for s in (s1, s2):
+        assert sorted(a["repo_id"] for a in s["artifacts"] if a["steps"]["publish"] in ("done", "cached")) == EVERYTHING
+
+
+@pytest.mark.slow
 def test_a_worker_node_killed_mid_task_everything_published_once_as_local(ray_cluster, tiny_upstream, shared_hf,
                                                                           local_reference, tmp_path):
     from qtk.provision import ProvisionStore
@@ -354,21 +373,3 @@ def test_a_worker_node_killed_mid_task_everything_published_once_as_local(ray_cl
     assert not list((store / ".qtk-provision" / "builds").glob(".*"))  # the dead attempt's workspace is gone
     # the HF cache is shared storage, filled by the first run: no node (nor the driver) downloaded anything
     assert s["bytes_downloaded"] == 0 and not [e for e in evs if e["step"] == "pull" and e["result"] != "skipped"]
-
-
-@pytest.mark.slow
-def test_two_drivers_at_once_on_one_store(ray_cluster, tiny_upstream, shared_hf, local_reference, tmp_path):
-    if len(ray_cluster.workers()) < 2:
-        ray_cluster.add_worker()
-    store = tmp_path / "store"
-    m = write_manifest(tmp_path, store)
-    env = env_for(tiny_upstream, shared_hf, ray_cluster)
-    args = ("--executor", "ray", "--address", ray_cluster.address)
-    first = provision_cli(m, env, *args, wait=False)
-    second = provision_cli(m, env, *args, wait=False)
-    (c1, s1), (c2, s2) = finish(first), finish(second)
-    assert c1 == c2 == 0, (s1, s2)
-    assert publishes(store) == EVERYTHING  # between the two runs, each artifact once
-    assert published(store) == local_reference
-    for s in (s1, s2):
-        assert sorted(a["repo_id"] for a in s["artifacts"] if a["steps"]["publish"] in ("done", "cached")) == EVERYTHING

@@ -9,10 +9,11 @@ summary.
 * Each (model, recipe) quantize is a Ray task asking for one GPU (``num_gpus=1``) when the manifest's
   device is ``cuda``, or ``auto`` on a cluster with GPUs (the driver needs none), else one CPU slot; its
   verify task asks for the same, is submitted when the quantize task succeeded, and prefers the node
-  that wrote the build (soft node affinity: elsewhere if that node is gone). A task re-plans its model
-  at the driver's pinned commit (metadata only), so its keys use its own node's toolchain, and runs the
-  local executor's code, under the same store locks (the artifact's, the build's, publishing's), with
-  its own lease and event file.
+  that wrote the build when it has a free slot (soft node affinity that spills: elsewhere otherwise).
+  A task re-plans its model at the driver's pinned commit (metadata only), so its keys use its own
+  node's toolchain, and runs the local executor's code, under the same store locks (the artifact's,
+  the build's, publishing's), with its own lease and event file. A CPU slot means one thread: Ray sets
+  ``OMP_NUM_THREADS`` to the task's CPUs, so torch in a one-CPU task computes on one core.
 * Events reach the driver while tasks run: each task writes its own event file in the store (shared
   storage), which the driver follows and forwards; the summary and exit codes are the local
   executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
@@ -122,6 +123,18 @@ def _resources(ray, manifest_device: str, driver_device: str) -> dict:
     return {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
 
 
+def _near(node_id: str) -> dict:
+    """Prefer ``node_id`` (where the build was just written: page cache, a node-local HF cache) when it
+    has a free slot; otherwise any node (Ray's soft affinity alone would wait for that node, behind the
+    next quantize that took its GPU); a dead node: any node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True, _spill_on_unavailable=True)}
+    except TypeError:  # a Ray without the spill option: no preference rather than waiting for one node
+        return {}
+
+
 def run_on_ray(prov, plans: list) -> None:
     """Stage 2 of :class:`~qtk.provision.run.Provisioner` on Ray (the driver side). Ray's own messages
     (a worker died, autoscaler notes) go to stderr: stdout stays the summary (``--json``)."""
@@ -148,11 +161,7 @@ def _run_on_ray(prov, plans: list) -> None:
     args = {}  # repo id -> the task's arguments
 
     def submit(row, stage: str, t0: float, *, before=None, node_id: str | None = None) -> None:
-        place = {}
-        if node_id:  # verify where the build was just written (page cache, a node-local HF cache); elsewhere
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # if that node is gone
-
-            place = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
+        place = _near(node_id) if node_id else {}
         ref = task.options(max_retries=MAX_RETRIES, retry_exceptions=False, name=f"qtk {stage} {row.repo_id}",
                            runtime_env={"env_vars": env}, **resources, **place).remote(
             *args[row.repo_id], stage, before)
