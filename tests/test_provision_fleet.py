@@ -214,3 +214,57 @@ def test_concurrent_writers_lose_and_interleave_no_event(store):
     assert len(evs) == 1200
     for w in range(4):
         assert [e["i"] for e in evs if e["run"] == f"run{w}"] == sorted(range(300), key=lambda i: i % 60)
+
+
+def _cache_files(root: Path, names: list[str]) -> dict[str, Path]:
+    out = {}
+    for n in names:
+        p = root / "snapshots" / "c0ffee" / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(n.encode())
+        out[n] = p
+    return out
+
+
+def test_source_view_holds_exactly_the_planned_files_and_is_reused(store, tmp_path):
+    files = _cache_files(tmp_path / "hf", ["config.json", "model.safetensors", "sub/tokenizer.json"])
+    (tmp_path / "hf" / "snapshots" / "c0ffee" / "consolidated.safetensors").write_bytes(b"not planned")
+    view = store.source_view("k" * 24, files)
+    got = sorted(str(p.relative_to(view)) for p in view.rglob("*") if not p.is_dir())
+    assert got == ["config.json", "model.safetensors", "sub/tokenizer.json"]
+    assert all((view / n).is_symlink() and (view / n).read_bytes() == n.encode() for n in files)
+    ino = view.stat().st_ino
+    assert store.source_view("k" * 24, files) == view and view.stat().st_ino == ino  # reused, not rebuilt
+    assert not [p for p in store.sources.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+@pytest.mark.parametrize("damage", ["dangling", "extra", "missing", "wrong-target", "a-file"])
+def test_source_view_damaged_is_rebuilt(store, tmp_path, damage):
+    files = _cache_files(tmp_path / "hf", ["config.json", "model.safetensors"])
+    view = store.source_view("d" * 24, files)
+    if damage == "dangling":
+        (view / "config.json").unlink()
+        (view / "config.json").symlink_to(tmp_path / "gone")
+    elif damage == "extra":
+        (view / "consolidated.safetensors").write_bytes(b"x")
+    elif damage == "missing":
+        (view / "model.safetensors").unlink()
+    elif damage == "wrong-target":
+        (view / "config.json").unlink()
+        (view / "config.json").symlink_to(files["model.safetensors"])
+    else:
+        (view / "config.json").unlink()
+        (view / "config.json").write_bytes(b"a copy")
+    view = store.source_view("d" * 24, files)
+    assert sorted(p.name for p in view.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(os.readlink(view / n) == str(t) for n, t in files.items())
+
+
+def test_source_view_refuses_files_missing_from_the_cache(store, tmp_path):
+    from qtk import errors
+
+    files = _cache_files(tmp_path / "hf", ["config.json"])
+    files["model.safetensors"] = tmp_path / "hf" / "snapshots" / "c0ffee" / "model.safetensors"  # never pulled
+    with pytest.raises(errors.LocalNotFoundError, match="model.safetensors"):
+        store.source_view("m" * 24, files)
+    assert not (store.sources / ("m" * 24)).exists() and not list(store.sources.iterdir())
