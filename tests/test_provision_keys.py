@@ -112,7 +112,7 @@ def test_readme_commit_requantizes_nothing_changed_toolchain_reruns_with_reason(
     r = qtk("provision", str(m), "--dry-run")
     assert reason in r.stderr  # the human plan says why
     code, s = run(qtk, m)
-    assert code == 0 and art(s, "qtk/smol-nf4")["steps"]["quantize"] == "done"
+    assert code == 0 and art(s, "qtk/smol-nf4")["steps"]["quantize"] == "done", json.dumps(s)
     starts = [e for e in ProvisionStore(tmp_path / "store").events()
               if e["run"] == s["run_id"] and e["step"] == "quantize" and e["result"] == "start"]
     assert [e["reason"] for e in starts] == [reason]

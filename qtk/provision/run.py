@@ -343,6 +343,12 @@ class Provisioner:
         if mp.view is None:
             p = mp.pull_plan
             files = {f.file.path: p.root / f.file.path for f in p.files}
+            if not p.missing and not all(t.is_file() for t in files.values()):
+                from ..hub.download import pull
+
+                # a new commit whose files the cache already holds (a README-only upstream commit): the
+                # pull step had nothing to fetch; link this commit's snapshot to the blobs (no download)
+                pull(p, lock_timeout=self.opts.lock_timeout)
             key = key_of({"v": 1, "repo": p.repo_id, "commit": p.commit, "root": str(p.root),
                           "files": mp.source["files"]})
             mp.view = self.store.source_view(key, files)
