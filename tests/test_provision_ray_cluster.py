@@ -8,6 +8,8 @@ and the HF cache are directories every node sees (this machine's disk stands in 
   still publishes every artifact exactly once, byte-identical to a local-executor run.
 * Two drivers at once on one store: both succeed, every artifact is published once.
 
+The cluster's temp dirs are under ``/tmp/qr*`` rather than ``tmp_path``: Ray's unix sockets live in
+``<temp dir>/session_<date>_<pid>/sockets/`` and a socket path may not exceed ~107 bytes.
 Every Ray process started here is stopped in a finalizer, also when a test fails: each node is its own
 process group (SIGTERM to ``ray start --block``, which stops its node; then kill -9 of the group), and
 any process left whose command line names this cluster's temp dir is killed by pid. ``ray stop`` is
