@@ -288,19 +288,13 @@ def finish(p: subprocess.Popen) -> tuple[int, dict]:
 
 
 def published(store: Path) -> dict[str, dict]:
-    """Each published repo's weights (sha256) and config.json. GPTQModel writes the path of the build's
-    checkpoint directory into quantization_config (``meta.offload_to_disk_path``, a random attempt dir
-    under the store), so absolute paths are left out of the config comparison."""
-    def no_paths(obj):
-        if isinstance(obj, dict):
-            return {k: no_paths(v) for k, v in obj.items() if not (isinstance(v, str) and v.startswith("/"))}
-        return [no_paths(v) for v in obj] if isinstance(obj, list) else obj
-
+    """Each published repo's weights (sha256) and config.json (qtk nulls the build's paths that GPTQModel
+    writes into it, so two identical builds have identical configs)."""
     out = {}
     for link in sorted((store / "qtk").iterdir()):
         files = sorted(link.resolve().iterdir())
         out[link.name] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.suffix == ".safetensors"}
-        out[link.name]["config.json"] = no_paths(json.loads((link.resolve() / "config.json").read_text()))
+        out[link.name]["config.json"] = json.loads((link.resolve() / "config.json").read_text())
     return out
 
 

@@ -128,6 +128,10 @@ def test_provenance_and_model_card(gptq_out, smol_bf16):
     assert prov["device"] == "cpu" and prov["wall_s"] > 0 and prov["peak_rss_bytes"] > 0
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         assert (gptq_out / name).read_bytes() == (smol_bf16 / name).read_bytes(), name
+    for name in ("config.json", "quantize_config.json", PROVENANCE_FILE):  # no path of the build machine
+        text = (gptq_out / name).read_text() if (gptq_out / name).is_file() else ""
+        assert str(gptq_out.parent) not in text and "gptqmodel_" not in text and ".qtk-work" not in text, name
+    assert json.loads((gptq_out / "config.json").read_text())["quantization_config"]["meta"]["offload_to_disk_path"] is None
     card = (gptq_out / "README.md").read_text()
     assert "GPTQ 4-bit" in card and "calibration: chat" in card and "group_size" in card
 

@@ -174,6 +174,37 @@ def _model_card(model: SourceModel, method: Method, prov: dict) -> str:
     return "\n".join(lines)
 
 
+# Keys of a backend's saved config that name a path of the machine that built it (GPTQModel 7.6 writes
+# its offload directory, a temporary or the resume checkpoint's, into quantization_config.meta): they
+# mean nothing where the checkpoint is loaded, leak the builder's paths, and make two identical builds
+# differ in config.json. Loaders default them (None: a fresh temporary when quantizing again).
+_BUILD_PATH_KEYS = ("offload_to_disk_path",)
+
+
+def _drop_build_paths(out: Path) -> None:
+    """Null the builder's paths in ``config.json``'s quantization_config (and its ``meta``) and in
+    ``quantize_config.json``, rewriting a file only where one was found."""
+    for name, where in (("config.json", ("quantization_config",)), ("quantize_config.json", ())):
+        path = out / name
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        node = doc
+        for key in where:
+            node = node.get(key) if isinstance(node, dict) else None
+        changed = False
+        for holder in (node, node.get("meta") if isinstance(node, dict) else None):
+            if isinstance(holder, dict):
+                for key in _BUILD_PATH_KEYS:
+                    if holder.get(key) is not None:
+                        holder[key] = None
+                        changed = True
+        if changed:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+            tmp.replace(path)
+
+
 def _check_quantization_config(out: Path, method: Method, options: QuantizeOptions) -> dict:
     cfg = json.loads((out / "config.json").read_text()).get("quantization_config")
     if not cfg:
@@ -253,6 +284,7 @@ def quantize(
         for name in _COPY_FROM_SOURCE:
             if (model.path / name).is_file():
                 shutil.copyfile(model.path / name, tmp / name)
+        _drop_build_paths(tmp)
         qcfg = _check_quantization_config(tmp, method, options)
         prov = {
             "qtk_version": __version__,
