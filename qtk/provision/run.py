@@ -401,8 +401,8 @@ class Provisioner:
                 src = self._source_dir(mp)  # exactly the files the key hashed (not the snapshot's others)
                 with output_to_file(logfile):
                     res = quantize(str(src), work / key, inputs["qopts"], overwrite=True, settings=self.settings,
-                                   log=self.log, warn=self.warn)
-                _name_source(work / key, src, mp)
+                                   log=self.log, warn=self.warn, origin=(mp.spec.repo, mp.pull_plan.commit))
+                _name_source(work / key, mp)
                 if build.exists():  # an unfinished build under the final name (qtk before workspaces)
                     shutil.rmtree(build)
                 os.replace(work / key, build)
@@ -667,27 +667,17 @@ class Provisioner:
         return self.summary
 
 
-def _name_source(out: Path, view: Path, mp: _ModelPlan) -> None:
-    """quantize read the model from its view: its provenance and card name the repo and commit (and
-    the files it read), as for ``qtk quantize REPO``."""
+def _name_source(out: Path, mp: _ModelPlan) -> None:
+    """quantize read the model from its view (and names the repo and commit, ``origin``): its provenance
+    also records where the snapshot is and the files it read, as for ``qtk quantize REPO``."""
     from ..quantize.run import PROVENANCE_FILE
 
-    repo, commit = mp.spec.repo, mp.pull_plan.commit
     prov_path = out / PROVENANCE_FILE
     prov = json.loads(prov_path.read_text())
-    prov["source"] = {**prov.get("source", {}), "path": str(mp.pull_plan.root), "repo_id": repo, "commit": commit,
-                      "files": dict(mp.source["files"])}
+    prov["source"] = {**prov.get("source", {}), "path": str(mp.pull_plan.root), "files": dict(mp.source["files"])}
     tmp = prov_path.with_name(prov_path.name + ".tmp")
     tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
     os.replace(tmp, prov_path)
-    card = out / "README.md"
-    if card.is_file():
-        text = card.read_text()
-        for path in {str(view), str(view.resolve())}:
-            text = text.replace(path, f"{repo} @ {commit}")
-        tmp = card.with_name("README.md.tmp")
-        tmp.write_text(text.replace(view.name, repo))
-        os.replace(tmp, card)
 
 
 class _Stop(Exception):

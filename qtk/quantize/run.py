@@ -231,7 +231,12 @@ def quantize(
     log: Callable[[str], None] = lambda s: None,
     warn: Callable[[str], None] = lambda s: None,
     progress: Progress | None = None,
+    origin: tuple[str, str] | None = None,
 ) -> QuantizeResult:
+    """Quantize ``model_spec`` (a directory, or a Hub repo id resolved in the HF cache) into ``out``.
+
+    ``origin``: the (repo id, commit) a local directory's files came from (a provisioner's view of a
+    snapshot): the model card and provenance then name them instead of the directory."""
     t0 = time.monotonic()
     method = get_method(options.method)
     out = Path(out).absolute()
@@ -240,6 +245,8 @@ def quantize(
     device = resolve_device(options.device)
     _check_output(out, overwrite)
     model = resolve_model(model_spec, revision=revision, settings=settings)
+    if origin is not None:
+        model = replace(model, repo_id=origin[0], commit=origin[1])
     options = replace(options, sym=method.sym(options))
     method.validate(model, options, device)
     samples: Samples | None = None
