@@ -63,8 +63,8 @@ def unregister(name: str) -> None:
 
 
 # -- the built-in methods ------------------------------------------------------------------------------
-# On CPU, measured on SmolLM2-135M (2 cores, 64 x 256 tokens): GPTQ ~150 s, NF4 seconds; AWQ with qtk's batched
-# clip search ~2.7-3.1x GPTQ (BENCHMARKS.md: 255 vs 83-94 CPU s at 16 x 256; the stock search was ~20 min).
+# On CPU, measured on SmolLM2-135M (2 cores, 64 x 256 tokens): GPTQ ~150 s, NF4 seconds; AWQ with qtk's clip and
+# scale searches ~1.9-2.0x GPTQ (BENCHMARKS.md: 170 vs 83-90 CPU s at 16 x 256; the stock path 951 CPU s).
 register(MethodSpec(
     "gptq", "qtk.quantize.gptq:GPTQ", "gptq",
     reads=("bits", "group_size", "sym", "desc_act", *CALIBRATION_OPTIONS),
@@ -73,7 +73,7 @@ register(MethodSpec(
 register(MethodSpec(
     "awq", "qtk.quantize.awq:AWQ", "awq",
     reads=("bits", "group_size", "sym", *CALIBRATION_OPTIONS),
-    memory_model="layerwise", weights="group", cpu_seconds_per_mparam=3.2,
+    memory_model="layerwise", weights="group", cpu_seconds_per_mparam=2.2,
     summary="GPTQModel's AWQ, calibrated; zero-point GEMM format"))
 register(MethodSpec(
     "nf4", "qtk.quantize.nf4:NF4", "nf4",
