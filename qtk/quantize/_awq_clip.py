@@ -67,7 +67,7 @@ def _gram_errors(gram_gkk, delta_cgk, n_token: int):
     import torch
 
     d = delta_cgk.permute(1, 0, 2)  # [g, c, k]
-    return (torch.bmm(d, gram_gkk) * d).sum(-1).t() / n_token
+    return torch.bmm(d, gram_gkk).mul_(d).sum(-1).t() / n_token
 
 
 def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float = 0.5, n_sample_token: int = 512):
@@ -97,8 +97,8 @@ def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float =
         x = input_feat[0].to(device=device, dtype=torch.float32).permute(1, 0, 2).contiguous()  # [g, t, k]
         n_group, n_token = x.shape[0], x.shape[1]
         gram = torch.bmm(x.transpose(1, 2), x) if group_size <= n_token else None  # [g, k, k]
-        if gram is not None:  # per channel: [g, c, k] float32 temporaries, about 4 of them
-            oc_batch = max(1, min(org_w_shape[0], (1 << 28) // max(org_w_shape[1] * 4 * 4, 1)))
+        if gram is not None:  # per weight: 3 float32 temporaries (w, q - w, its product with G), 2 bf16 scratch
+            oc_batch = max(1, min(org_w_shape[0], (1 << 27) // max(org_w_shape[1] * 16, 1)))
         else:
             oc_batch = _out_channel_batch(org_w_shape[0], n_token, n_group)
         scratch_clamp = torch.empty_like(w_all[:oc_batch])
@@ -119,7 +119,7 @@ def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float =
                 torch.clamp(wb, -max_val, max_val, out=clamp_slice)
                 self._pseudo_quantize_tensor_into(clamp_slice, quant_slice)
                 if gram is not None:
-                    err = _gram_errors(gram, quant_slice[:, 0].to(torch.float32) - w32, n_token)
+                    err = _gram_errors(gram, quant_slice[:, 0].to(torch.float32).sub_(w32), n_token)
                     err = err.to(out_dtype).reshape(min_errs.shape)
                 else:
                     cur_out = _group_dot(x, quant_slice[:, 0], out_dtype)
