@@ -272,7 +272,7 @@ def quantized_format(method: str, group_size: int = 128) -> Format:
 # imported, calibration tokenized), fitted to peak RSS measured on this project's CPU machine (2026-11,
 # torch 2.13 CPU, gptqmodel 7.6, bitsandbytes 0.50.2; BENCHMARKS.md, "qtk quantize at scale"): ~0.75 GB
 # with GPTQModel (+0.06 GB for AWQ's processor; 0.12 GB before qtk's clip search dropped its [tokens x out]
-# temporaries: SmolLM2 2 layers 790 -> 756 MB), ~0.5 GB with bitsandbytes.
+# temporaries: SmolLM2 2 layers 790 -> 756 MB, Llama-1B width 2 layers 1932 MB), ~0.5 GB with bitsandbytes.
 _RUNTIME_BYTES = {"layerwise": 750_000_000, "quantized_load": 500_000_000}
 _AWQ_RUNTIME_EXTRA = 60_000_000
 

@@ -64,7 +64,7 @@ def unregister(name: str) -> None:
 
 # -- the built-in methods ------------------------------------------------------------------------------
 # On CPU, measured on SmolLM2-135M (2 cores, 64 x 256 tokens): GPTQ ~150 s, NF4 seconds; AWQ with qtk's clip and
-# scale searches ~1.9-2.0x GPTQ (BENCHMARKS.md: 170 vs 83-90 CPU s at 16 x 256; the stock path 951 CPU s).
+# scale searches ~1.9-2.0x GPTQ (BENCHMARKS.md: 170 vs 83-92 CPU s at 16 x 256; the stock path 951 CPU s).
 register(MethodSpec(
     "gptq", "qtk.quantize.gptq:GPTQ", "gptq",
     reads=("bits", "group_size", "sym", "desc_act", *CALIBRATION_OPTIONS),
