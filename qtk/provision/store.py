@@ -166,7 +166,7 @@ class ProvisionStore:
                         e = json.loads(line)
                         if isinstance(e, dict):
                             out.append(e)
-        out.sort(key=lambda e: str(e.get("ts", "")))  # stable: equal timestamps keep each file's order
+        out.sort(key=_ts_order)  # stable: equal timestamps keep each file's order
         return out
 
     def clean_stale(self, *, timeout: float | None = None, ttl: float | None = None) -> list[str]:
@@ -430,4 +430,13 @@ def _remove(p: Path) -> None:
 
 
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """UTC with microseconds: events of two writers in the same second still merge in the order they
+    happened (on one host; across hosts as far as their clocks agree)."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def _ts_order(event: dict) -> str:
+    """Sort key of an event's ``ts``: whole-second stamps (older qtk) as ``.000000``."""
+    ts = str(event.get("ts", ""))
+    return ts[:-1] + ".000000Z" if ts.endswith("Z") and "." not in ts else ts
