@@ -124,7 +124,9 @@ def test_disk_full_mid_download_is_exit_40_and_resumes(topo, topo_root, qtk, mon
     budget = {"left": SMALL // 2}
 
     def pwrite(fd, data, pos):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".qtk-part"):
+        # the big file only (by its preallocated size): whichever file a full disk hits is named, but the
+        # small one may be written before or after the big one's budget runs out
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".qtk-part") and os.fstat(fd).st_size == SMALL:
             if budget["left"] <= 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             budget["left"] -= len(data)
