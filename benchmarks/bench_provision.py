@@ -16,8 +16,10 @@ The Ray executor's overhead on one node: the same manifest provisioned into fres
 ``--executor local`` (the anchor) and ``--executor ray`` on a local Ray (``ray.init(num_cpus=cores)``
 started once, its start-up timed apart), alternating, best of --repeat each; the HF cache is filled
 before both, so neither pays the pull. Ratio: ray / local (issue 15's target: <= 1.10x). The first Ray
-run also starts its worker processes (and their imports); ``--ray-cpus 1`` runs one task at a time
-(the local executor's schedule: the overhead alone), the default all cores (the two recipes at once).
+run also starts its worker processes (and their imports). ``--ray-task-cpus C`` with ``--ray-cpus C``
+(C = all cores) runs one task at a time on all cores, the local executor's schedule and threads: the
+overhead alone; ``--ray-cpus 1`` one task at a time on one core (Ray's default task size); the default
+(all cores, tasks of 1) runs the two recipes at once.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def ray_overhead(args) -> None:
                 d.mkdir()
                 m = load_manifest(manifest(d / "m.toml"))
                 t0 = time.monotonic()
-                s = provision(m, ProvisionOptions(executor=executor))
+                s = provision(m, ProvisionOptions(executor=executor, ray_task_cpus=args.ray_task_cpus
+                                                  if executor == "ray" else 1))
                 times[executor].append(time.monotonic() - t0)
                 assert s.exit_code == 0, s.to_dict()
                 assert all(r.steps["quantize"] == "done" for r in s.rows), [r.steps for r in s.rows]
@@ -89,7 +92,8 @@ def ray_overhead(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
     local, remote = min(times["local"]), min(times["ray"])
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
-              "layers": args.layers, "ray_cpus": args.ray_cpus or os.cpu_count(), "ray_init_s": round(ray_start, 2),
+              "layers": args.layers, "ray_cpus": args.ray_cpus or os.cpu_count(),
+              "ray_task_cpus": args.ray_task_cpus, "ray_init_s": round(ray_start, 2),
               "local_s": [round(t, 2) for t in times["local"]], "ray_s": [round(t, 2) for t in times["ray"]],
               "ray_over_local": round(remote / local, 3)}
     print(f"local Ray start (once, not in the ratio): {ray_start:.1f} s")
@@ -108,6 +112,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--ray-cpus", type=int, default=0,
                     help="CPU slots of the local Ray (default: all cores; 1 runs the tasks one at a time, like local)")
+    ap.add_argument("--ray-task-cpus", type=int, default=1, help="CPU cores each Ray task asks for (qtk's --ray-task-cpus)")
     args = ap.parse_args()
     if args.ray:
         ray_overhead(args)

@@ -232,6 +232,11 @@ def test_address_without_ray_executor_is_refused(qtk, tmp_path):
     assert r.exit_code == 2 and "--executor ray" in r.stderr
     r = qtk("provision", str(tmp_path / "m.toml"), "--executor", "dask")
     assert r.exit_code == 2
+    r = qtk("provision", str(tmp_path / "m.toml"), "--ray-task-cpus", "4")
+    assert r.exit_code == 2 and "--executor ray" in r.stderr
+    for bad in ("0", "-1", "two"):
+        r = qtk("provision", str(tmp_path / "m.toml"), "--executor", "ray", "--ray-task-cpus", bad)
+        assert r.exit_code == 2 and "--ray-task-cpus" in r.stderr, bad
 
 
 @pytest.mark.slow

@@ -210,3 +210,22 @@ def test_tasks_ask_for_a_gpu_when_the_manifest_or_the_cluster_says_so(manifest_d
 
     res = _resources(FakeRay, manifest_device, driver_device)
     assert res.get("num_gpus", 0) == gpus and res["num_cpus"] == 1
+    res = _resources(FakeRay, manifest_device, driver_device, cpus=4)  # --ray-task-cpus 4
+    assert res.get("num_gpus", 0) == gpus and res["num_cpus"] == 4
+
+
+def test_a_task_computes_with_the_cores_it_asked_for(local_ray):
+    """Ray sets OMP_NUM_THREADS when it starts a worker process, and reuses that process for tasks of
+    other sizes: the task sets torch's threads to the CPUs Ray assigned it."""
+    from qtk.provision.ray_executor import _use_assigned_cpus
+
+    def threads() -> tuple[int | None, int]:
+        import torch
+
+        torch.set_num_threads(7)  # whatever an earlier task left
+        return _use_assigned_cpus(ray), torch.get_num_threads()
+
+    task = ray.remote(threads)
+    assert ray.get(task.options(num_cpus=1).remote()) == (1, 1)
+    assert ray.get(task.options(num_cpus=2).remote()) == (2, 2)
+    assert _use_assigned_cpus(ray) is None  # the driver is not a task: its threads are left alone

@@ -102,12 +102,15 @@ def _memory_table(summary) -> Table:
 @click.option("--address", "ray_address", metavar="ADDR", default=None,
               help="With --executor ray: the cluster to join (ray://host:10001, host:6379, auto) "
                    "[default: $RAY_ADDRESS, else a Ray started on this machine for the run].")
+@click.option("--ray-task-cpus", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="With --executor ray: CPU cores each task asks for and computes with (torch threads). 1 suits "
+                   "GPU nodes; on a CPU-only cluster, give a quantize more cores (at most a node's).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the backends' output here instead of in STORE/.qtk-provision/logs/ (one file per step).")
 @json_option
 @quiet_option
 def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_prune, summary_json, shard,
-            executor, ray_address, verbose) -> None:
+            executor, ray_address, ray_task_cpus, verbose) -> None:
     """Provision the models in MANIFEST into the model store.
 
     For each model: pull the selected files (resumable, hash-verified, into the HF cache), quantize
@@ -130,10 +133,12 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
     shard_ix = parse_shard(shard) if shard is not None else None
     if ray_address and executor != "ray":
         raise errors.UsageError("--address is the Ray cluster of --executor ray.", hint="Add --executor ray.")
+    if ray_task_cpus != 1 and executor != "ray":
+        raise errors.UsageError("--ray-task-cpus sizes the tasks of --executor ray.", hint="Add --executor ray.")
     m = load_manifest(manifest, store=store)
     opts = ProvisionOptions(dry_run=dry_run, keep_going=keep_going, lock_timeout=lock_timeout, only=tuple(only),
                             push=push, prune=not no_prune, backend_output=verbose, shard=shard_ix,
-                            executor=executor, ray_address=ray_address)
+                            executor=executor, ray_address=ray_address, ray_task_cpus=ray_task_cpus)
 
     def on_event(e: dict) -> None:
         if e["result"] in ("start", "error", "waiting") or e["step"] == "gate" or e["result"] == "done" and e["step"] == "pull":

@@ -26,6 +26,7 @@ summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -91,6 +92,8 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
     spec = next(s for s in manifest.models if s.name == model_name)
     recipe = next(r for r in spec.recipes if spec.artifact_repo(r) == repo_id)
     spec = replace(spec, revision=commit, recipes=(recipe,))  # the driver's commit, whatever main is now
+    with contextlib.suppress(ImportError):  # a node without torch fails below with the usual message
+        _use_assigned_cpus(ray)
     prov.store.init()
     prov.store.start_lease()
     row = None
@@ -115,12 +118,31 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
     return {"row": row, "error": error, "host": host_id(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def _resources(ray, manifest_device: str, driver_device: str) -> dict:
+def _resources(ray, manifest_device: str, driver_device: str, cpus: int = 1) -> dict:
     """One GPU per task when the manifest says cuda, or says auto and the cluster has GPUs (the driver
-    itself may have none); else one CPU slot."""
+    itself may have none), and ``cpus`` cores (``--ray-task-cpus``: 1 by default, enough beside a GPU;
+    on a CPU-only cluster a task computes with exactly the cores it asked for)."""
+    if cpus < 1:
+        raise errors.UsageError(f"--ray-task-cpus must be at least 1 (got {cpus}).")
     gpu = manifest_device == "cuda" or (manifest_device == "auto" and (
         driver_device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0))
-    return {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+    return {"num_gpus": 1, "num_cpus": cpus} if gpu else {"num_cpus": cpus}
+
+
+def _use_assigned_cpus(ray) -> int | None:
+    """torch computes on the cores Ray gave this task: Ray sets ``OMP_NUM_THREADS`` when it starts a
+    worker process, but a worker is reused by tasks of other sizes. Returns the thread count set (None:
+    not in a Ray task, e.g. called on the driver)."""
+    try:
+        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    except AssertionError:  # Ray's "only available when the process is a worker"
+        return None
+    if cpus < 1:
+        return None
+    import torch
+
+    torch.set_num_threads(cpus)
+    return cpus
 
 
 def _near(node_id: str) -> dict:
@@ -155,7 +177,7 @@ def _run_on_ray(prov, plans: list) -> None:
     task = ray.remote(artifact_task)
     pending: dict = {}
     env = _worker_env()  # this run's settings (per task: a cluster serves many drivers)
-    resources = _resources(ray, prov.m.device, prov.device)
+    resources = _resources(ray, prov.m.device, prov.device, prov.opts.ray_task_cpus)
     follow = _EventFollower(prov)
     drain = follow.poll
     args = {}  # repo id -> the task's arguments

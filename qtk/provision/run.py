@@ -58,6 +58,7 @@ class ProvisionOptions:
     shard: tuple[int, int] | None = None  # (I, N): only this shard's artifacts (qtk.provision.shard)
     executor: str = "local"  # "local": one step at a time here; "ray": one Ray task per artifact
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started for this run
+    ray_task_cpus: int = 1  # CPU cores each Ray task asks for (its torch threads): see ray_executor._resources
 
 
 @dataclass
