@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .base import RunContext
+from .source import file_sha256, safetensors_header
 
 __all__ = ["checkpointing", "discard", "run_identity"]
 
@@ -172,8 +173,7 @@ def source_identity(model) -> dict:
     for name in ["config.json", *shards]:
         if not _names_a_file_inside(name):
             raise CheckpointError("source shard escapes the model directory")
-        with (root / name).open("rb") as stream:
-            result[name] = hashlib.file_digest(stream, "sha256").hexdigest()
+        result[name] = file_sha256(root / name)
     return result
 
 
@@ -196,8 +196,6 @@ def _awq_restored_in_packed_dtype() -> Iterator[None]:
     import torch
     from gptqmodel.looper import gptq_checkpoint
     from gptqmodel.nn_modules.qlinear import AWQuantLinear
-
-    from .source import safetensors_header
 
     adapter = gptq_checkpoint.QuantizationCheckpointAdapter
     stock_restore, stock_build = adapter.restore, gptq_checkpoint.restore_packed_module

@@ -8,7 +8,6 @@ quantization_config -> model card + qtk_provenance.json -> atomic rename into pl
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from .calibration import Samples, build_samples, load_calibration
 from .registry import get_method, method_spec
-from .source import SourceModel, resolve_model
+from .source import SourceModel, file_sha256, resolve_model
 
 __all__ = ["QuantizeResult", "quantize", "resolve_device", "PROVENANCE_FILE"]
 
@@ -46,14 +45,6 @@ class QuantizeResult:
 
     def to_dict(self) -> dict:
         return {"output": str(self.out), **self.provenance}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _peak_rss_bytes() -> int | None:
@@ -298,7 +289,7 @@ def quantize(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {
                 **model.to_dict(),
-                "weights_sha256": {f.name: _sha256(f) for f in model.weight_files},
+                "weights_sha256": {f.name: file_sha256(f) for f in model.weight_files},
             },
             "method": method.name,
             "options": options.to_dict(),
