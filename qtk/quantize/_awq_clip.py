@@ -27,12 +27,11 @@ source digest); otherwise the stock path runs and the caller is told why.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata
-import inspect
 from collections.abc import Callable, Iterator
 
-__all__ = ["CLIP_SEARCH_FAST", "CLIP_SEARCH_STOCK", "compute_best_clip", "fast_clip_search", "stock_clip_digest"]
+from ._patch import patched, why_not_replaceable
+
+__all__ = ["CLIP_SEARCH_FAST", "CLIP_SEARCH_STOCK", "compute_best_clip", "fast_clip_search"]
 
 CLIP_SEARCH_FAST = "qtk-gram"
 CLIP_SEARCH_STOCK = "gptqmodel-stock"
@@ -132,38 +131,6 @@ def compute_best_clip(self, w, input_feat, n_grid: int = 20, max_shrink: float =
         return torch.cat(best_max_val_all, dim=0).squeeze(1)
 
 
-def stock_clip_digest(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
-
-
-def why_not_replaceable(processor_cls, name: str, signature: tuple, known: dict[str, str],
-                        needs: tuple[str, ...] = (), what: str = "") -> str | None:
-    """None when ``processor_cls.<name>`` in the installed GPTQModel is the function qtk's replacement
-    reproduces: a version in ``known`` whose source has that sha256, with ``signature``, and the
-    methods in ``needs`` that the replacement calls. Otherwise, why not (for the user's warning)."""
-    try:
-        version = importlib.metadata.version("gptqmodel")
-    except importlib.metadata.PackageNotFoundError:
-        return "gptqmodel is not installed"
-    fn = getattr(processor_cls, name, None)
-    missing = [m for m in (name, *needs) if not hasattr(processor_cls, m)]
-    if fn is None or missing:
-        return f"gptqmodel {version}'s AWQProcessor has no {'/'.join(missing)}"
-    params = tuple(inspect.signature(fn).parameters)
-    if params != signature:
-        return f"gptqmodel {version}'s {name} takes {params}, expected {signature}"
-    want = known.get(version)
-    if want is None:
-        return f"gptqmodel {version} is not a version qtk's {what or name} was checked against ({', '.join(known)})"
-    try:
-        got = stock_clip_digest(fn)
-    except (OSError, TypeError) as exc:
-        return f"cannot read gptqmodel's {name} source ({exc})"
-    if got != want:
-        return f"gptqmodel {version}'s {name} differs from the one qtk's replacement reproduces"
-    return None
-
-
 def _why_not(processor_cls) -> str | None:
     """None when the installed GPTQModel's clip search is the one :func:`compute_best_clip` reproduces."""
     return why_not_replaceable(processor_cls, "_compute_best_clip", _SIGNATURE, _KNOWN,
@@ -186,9 +153,5 @@ def fast_clip_search(enabled: bool = True, warn: Callable[[str], None] = lambda 
         warn(f"AWQ: using GPTQModel's own clip search, which is slow on large layers: {reason}.")
         yield CLIP_SEARCH_STOCK
         return
-    stock = AWQProcessor.__dict__["_compute_best_clip"]
-    AWQProcessor._compute_best_clip = compute_best_clip
-    try:
+    with patched(AWQProcessor, _compute_best_clip=compute_best_clip):
         yield CLIP_SEARCH_FAST
-    finally:
-        AWQProcessor._compute_best_clip = stock

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+from ._patch import patched, why_not_replaceable
+
 __all__ = ["SCALE_SEARCH_STOCK", "compute_best_scale", "fast_scale_search", "search_grid", "scale_search_name"]
 
 SCALE_SEARCH_STOCK = "gptqmodel-stock"
@@ -154,8 +156,6 @@ def fast_scale_search(enabled: bool = True, warn: Callable[[str], None] = lambda
     is not the checked one: ``warn`` says why)."""
     from gptqmodel.looper.awq_processor import AWQProcessor
 
-    from ._awq_clip import why_not_replaceable
-
     if not enabled:
         yield SCALE_SEARCH_STOCK
         return
@@ -170,9 +170,5 @@ def fast_scale_search(enabled: bool = True, warn: Callable[[str], None] = lambda
         return compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs,
                                   coarse=coarse, keep=KEEP)
 
-    stock = AWQProcessor.__dict__["_compute_best_scale"]
-    AWQProcessor._compute_best_scale = _compute_best_scale
-    try:
+    with patched(AWQProcessor, _compute_best_scale=_compute_best_scale):
         yield scale_search_name(coarse, KEEP)
-    finally:
-        AWQProcessor._compute_best_scale = stock

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._patch import gptqmodel_version, patched, source_digest
 from .base import RunContext
 from .source import file_sha256, safetensors_header
 
@@ -127,9 +127,8 @@ def _links_out_of(root: Path, names: list[str]) -> str | None:
 
 def _unfixable(name: str) -> str | None:
     """Why qtk's fix of GPTQModel's ``gptq_checkpoint.<name>`` cannot be applied here (None: it can)."""
-    try:
-        version = importlib.metadata.version("gptqmodel")
-    except importlib.metadata.PackageNotFoundError:
+    version = gptqmodel_version()
+    if version is None:
         return "gptqmodel is not installed"
     if version != _FIXED_FOR:
         return f"it is written for gptqmodel {_FIXED_FOR}, this is {version}"
@@ -138,11 +137,7 @@ def _unfixable(name: str) -> str | None:
     obj = gptq_checkpoint
     for part in name.split("."):
         obj = getattr(obj, part, None)
-    try:
-        digest = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
-    except (OSError, TypeError):
-        digest = None
-    if digest != _KNOWN_SOURCES[name]:
+    if source_digest(obj) != _KNOWN_SOURCES[name]:
         return f"gptqmodel {version}'s {name} is not the code it was checked against"
     return None
 
@@ -177,16 +172,10 @@ def source_identity(model) -> dict:
     return result
 
 
-@contextlib.contextmanager
-def _source_links_followed() -> Iterator[None]:
+def _source_links_followed():
     from gptqmodel.looper import gptq_checkpoint
 
-    stock = gptq_checkpoint._source_identity
-    gptq_checkpoint._source_identity = source_identity
-    try:
-        yield
-    finally:
-        gptq_checkpoint._source_identity = stock
+    return patched(gptq_checkpoint, _source_identity=source_identity)
 
 
 @contextlib.contextmanager
@@ -218,11 +207,8 @@ def _awq_restored_in_packed_dtype() -> Iterator[None]:
                     module.register_buffer(key, torch.empty(buf.shape, dtype=getattr(torch, dtype), device="meta"))
         return module
 
-    adapter.restore, gptq_checkpoint.restore_packed_module = restore, build
-    try:
+    with patched(adapter, restore=restore), patched(gptq_checkpoint, restore_packed_module=build):
         yield
-    finally:
-        adapter.restore, gptq_checkpoint.restore_packed_module = stock_restore, stock_build
 
 
 def discard(ctx: RunContext) -> None:

@@ -5,9 +5,9 @@ qtk's default is the zero-point (asymmetric) GEMM format that AutoAWQ produced a
 On CPU the torch packing backend is used, since GPTQModel's default picks a CUDA kernel.
 
 Speed: GPTQModel 7.6's clip search materializes a [256 x 512 x in_features] product per grid step
-and dominated AWQ's time (> 10 min for SmolLM2-135M on 2 CPU cores). qtk runs the same search as a
-batched matrix product (:mod:`qtk.quantize._awq_clip`), version-guarded, and records which search ran
-in the provenance (``method_details.awq_clip_search``). The scale search (20 forward passes of each
+and dominated AWQ's time (> 10 min for SmolLM2-135M on 2 CPU cores). qtk runs the same search scored
+from per-group Gram matrices (:mod:`qtk.quantize._awq_clip`), version-guarded, and records which search
+ran in the provenance (``method_details.awq_clip_search``). The scale search (20 forward passes of each
 scaled block over all calibration tokens) then dominates; it runs on micro-batches of several
 samples instead of one at a time (:func:`~qtk.quantize.gptq.forward_batch`: same outputs, byte for
 byte, measured on SmolLM2) and scores ~14 of the 20 ratios, coarse to fine, with the stock losses
