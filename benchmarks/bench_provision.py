@@ -50,24 +50,34 @@ def manifest(path: Path) -> Path:
     return path
 
 
+def serve_upstream(layers: int, prefix: str):
+    """SmolLM2 cut to ``layers`` layers as ``acme/smol`` on a local Hub mirror (HF_ENDPOINT set); returns
+    (work dir, server)."""
+    from hubtest import start_server
+
+    from qtk.embedded import build_bf16_checkpoint
+
+    cache = Path(os.environ.get("QTK_TEST_CACHE", ROOT / ".qtk-test-cache"))
+    full = build_bf16_checkpoint(cache / "smollm2-135m-bf16")
+    src = build_bf16_checkpoint(cache / f"smollm2-135m-bf16-{layers}layers", num_layers=layers, base=full)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.copytree(src, work / "upstream" / "acme" / "smol")
+    srv = start_server(work / "upstream")
+    os.environ.update(HF_ENDPOINT=srv.url, HF_HUB_DISABLE_TELEMETRY="1")
+    return work, srv
+
+
 def ray_overhead(args) -> None:
     import bitsandbytes  # noqa: F401  - imports paid before timing
     import gptqmodel  # noqa: F401
     import ray
     import torch  # noqa: F401
-    from hubtest import start_server
 
-    from qtk.embedded import build_bf16_checkpoint
     from qtk.hub.download import plan_pull, pull
     from qtk.provision import ProvisionOptions, load_manifest, provision
 
-    cache = Path(os.environ.get("QTK_TEST_CACHE", ROOT / ".qtk-test-cache"))
-    full = build_bf16_checkpoint(cache / "smollm2-135m-bf16")
-    src = build_bf16_checkpoint(cache / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=full)
-    work = Path(tempfile.mkdtemp(prefix="qtk-bench-provision-ray-"))
-    shutil.copytree(src, work / "upstream" / "acme" / "smol")
-    srv = start_server(work / "upstream")
-    os.environ.update(HF_ENDPOINT=srv.url, HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(work / "hf"))
+    work, srv = serve_upstream(args.layers, "qtk-bench-provision-ray-")
+    os.environ["HF_HOME"] = str(work / "hf")
     times: dict[str, list[float]] = {"local": [], "ray": []}
     try:
         pull(plan_pull("acme/smol", include=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]))
@@ -122,22 +132,14 @@ def main() -> None:
     import gptqmodel  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    from hubtest import start_server
 
-    from qtk.embedded import build_bf16_checkpoint
     from qtk.hub.download import plan_pull, pull
     from qtk.provision import ProvisionOptions, load_manifest, provision
     from qtk.quantize.base import QuantizeOptions
     from qtk.quantize.run import quantize
     from qtk.verify.run import VerifyOptions, verify
 
-    cache = Path(os.environ.get("QTK_TEST_CACHE", ROOT / ".qtk-test-cache"))
-    full = build_bf16_checkpoint(cache / "smollm2-135m-bf16")
-    src = build_bf16_checkpoint(cache / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=full)
-    work = Path(tempfile.mkdtemp(prefix="qtk-bench-provision-"))
-    shutil.copytree(src, work / "upstream" / "acme" / "smol")
-    srv = start_server(work / "upstream")
-    os.environ.update(HF_ENDPOINT=srv.url, HF_HUB_DISABLE_TELEMETRY="1")
+    work, srv = serve_upstream(args.layers, "qtk-bench-provision-")
     try:
         def run_anchor(tag: str) -> float:  # the same steps as library calls
             os.environ["HF_HOME"] = str(work / f"hf-anchor-{tag}")
