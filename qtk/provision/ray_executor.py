@@ -12,8 +12,8 @@ summary.
   that wrote the build when it has a free slot (soft node affinity that spills: elsewhere otherwise).
   A task re-plans its model at the driver's pinned commit (metadata only), so its keys use its own
   node's toolchain, and runs the local executor's code, under the same store locks (the artifact's,
-  the build's, publishing's), with its own lease and event file. A CPU slot means one thread: Ray sets
-  ``OMP_NUM_THREADS`` to the task's CPUs, so torch in a one-CPU task computes on one core.
+  the build's, publishing's), with its own lease and event file. A task asks for ``--ray-task-cpus``
+  cores (1 by default) and torch computes on exactly those (:func:`_use_assigned_cpus`).
 * Events reach the driver while tasks run: each task writes its own event file in the store (shared
   storage), which the driver follows and forwards; the summary and exit codes are the local
   executor's. A task whose worker or node dies is retried by Ray (``max_retries``); the retry finds
