@@ -402,8 +402,9 @@ class Provisioner:
                 src = self._source_dir(mp)  # exactly the files the key hashed (not the snapshot's others)
                 with output_to_file(logfile):
                     res = quantize(str(src), work / key, inputs["qopts"], overwrite=True, settings=self.settings,
-                                   log=self.log, warn=self.warn, origin=(mp.spec.repo, mp.pull_plan.commit))
-                _name_source(work / key, mp)
+                                   log=self.log, warn=self.warn, origin={
+                                       "repo_id": mp.spec.repo, "commit": mp.pull_plan.commit,
+                                       "path": str(mp.pull_plan.root), "files": dict(mp.source["files"])})
                 if build.exists():  # an unfinished build under the final name (qtk before workspaces)
                     shutil.rmtree(build)
                 os.replace(work / key, build)
@@ -666,19 +667,6 @@ class Provisioner:
             if self.store.lease is not None:
                 self.store.lease.close()
         return self.summary
-
-
-def _name_source(out: Path, mp: _ModelPlan) -> None:
-    """quantize read the model from its view (and names the repo and commit, ``origin``): its provenance
-    also records where the snapshot is and the files it read, as for ``qtk quantize REPO``."""
-    from ..quantize.run import PROVENANCE_FILE
-
-    prov_path = out / PROVENANCE_FILE
-    prov = json.loads(prov_path.read_text())
-    prov["source"] = {**prov.get("source", {}), "path": str(mp.pull_plan.root), "files": dict(mp.source["files"])}
-    tmp = prov_path.with_name(prov_path.name + ".tmp")
-    tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
-    os.replace(tmp, prov_path)
 
 
 class _Stop(Exception):

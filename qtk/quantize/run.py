@@ -222,12 +222,13 @@ def quantize(
     log: Callable[[str], None] = lambda s: None,
     warn: Callable[[str], None] = lambda s: None,
     progress: Progress | None = None,
-    origin: tuple[str, str] | None = None,
+    origin: dict | None = None,
 ) -> QuantizeResult:
     """Quantize ``model_spec`` (a directory, or a Hub repo id resolved in the HF cache) into ``out``.
 
-    ``origin``: the (repo id, commit) a local directory's files came from (a provisioner's view of a
-    snapshot): the model card and provenance then name them instead of the directory."""
+    ``origin``: where a local directory's files came from (a provisioner's view of a snapshot):
+    ``repo_id`` and ``commit`` name the model in the card and provenance instead of the directory; every
+    key of it is recorded in the provenance's ``source`` (e.g. ``path`` of the snapshot, ``files``)."""
     t0 = time.monotonic()
     method = get_method(options.method)
     out = Path(out).absolute()
@@ -237,7 +238,7 @@ def quantize(
     _check_output(out, overwrite)
     model = resolve_model(model_spec, revision=revision, settings=settings)
     if origin is not None:
-        model = replace(model, repo_id=origin[0], commit=origin[1])
+        model = replace(model, repo_id=origin["repo_id"], commit=origin["commit"])
     options = replace(options, sym=method.sym(options))
     method.validate(model, options, device)
     samples: Samples | None = None
@@ -290,6 +291,7 @@ def quantize(
             "source": {
                 **model.to_dict(),
                 "weights_sha256": {f.name: file_sha256(f) for f in model.weight_files},
+                **(origin or {}),
             },
             "method": method.name,
             "options": options.to_dict(),
