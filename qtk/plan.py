@@ -55,6 +55,12 @@ FORMATS = {f.name: f for f in [
            _group_bits(128, 4), 16),
     # NF4 with double quantization: 4 bits + 8-bit absmax per 64 weights + fp32 per 256 absmax
     Format("nf4", "bitsandbytes NF4, double quant (embeddings/lm_head 16-bit)", 4 + 8 / 64 + 32 / (64 * 256), 16),
+    # qtk quantize --method fp8 / w8a8 (compressed-tensors): 8-bit linears + one 16-bit scale per output row
+    # (16 / in_features bits per weight: 0.03 at SmolLM2's 576, 0.004 at 4096), embeddings/lm_head/norms 16-bit
+    Format("fp8-dynamic", "FP8 E4M3 per-channel, dynamic per-token activations (compressed-tensors; "
+           "embeddings/lm_head 16-bit)", 8.01, 16),
+    Format("int8-w8a8", "INT8 per-channel, dynamic per-token activations (compressed-tensors; "
+           "embeddings/lm_head 16-bit)", 8.01, 16),
     Format("gguf-q8_0", "GGUF Q8_0", 8.5, 8.5),
     Format("gguf-q6_k", "GGUF Q6_K", 6.56, 6.56),
     Format("gguf-q5_k_m", "GGUF Q5_K_M (mix)", 5.70, 5.70),
@@ -259,11 +265,12 @@ def plan(shape: ModelShape, *, formats: list[str], contexts: list[int], batch: i
 
 def quantized_format(method: str, group_size: int = 128) -> Format:
     """The on-disk/in-memory format a ``qtk quantize`` recipe produces (the method registry's
-    ``weights`` says which: NF4, or 4-bit with group scales/zeros)."""
+    ``weights`` says which: a :data:`FORMATS` entry such as NF4 or FP8, or 4-bit with group scales/zeros)."""
     from .quantize.registry import method_spec
 
-    if method_spec(method).weights == "nf4":
-        return FORMATS["nf4"]
+    weights = method_spec(method).weights
+    if weights != "group":
+        return FORMATS[weights]
     g = group_size if group_size and group_size > 0 else 1 << 30  # per row: one scale per row
     return Format(f"{method}-g{group_size}", f"{method.upper()} 4-bit, group {group_size}", _group_bits(g, 4), 16)
 

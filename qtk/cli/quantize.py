@@ -55,7 +55,8 @@ class MethodHelpOption(click.Option):
 @click.option("--method", type=MethodChoice(), required=True, cls=MethodHelpOption, help="(from the method registry)")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (default: ./<model>-<method>-w<bits>g<group>).")
-@click.option("--bits", type=int, default=4, show_default=True, help="4 (8 for gptq).")
+@click.option("--bits", type=int, default=None,
+              help="Weight bits [default: the method's first: 4; fp8 and w8a8 are 8 only; gptq also takes 8].")
 @click.option("--group-size", type=int, default=128, show_default=True,
               help="Weights per scale group; must divide every layer's input width (checked first). -1: per row.")
 @click.option("--sym/--asym", default=None, help="Symmetric or zero-point quantization "
@@ -71,6 +72,11 @@ class MethodHelpOption(click.Option):
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Render chat calibration data through the model's chat template [default: on for chat sets "
                    "when the tokenizer has one: right for instruct models].")
+@click.option("--smooth/--no-smooth", default=True, show_default=True,
+              help="w8a8: SmoothQuant smoothing from the calibration set, folded into the norms before q/k/v and "
+                   "gate/up (--no-smooth reads no calibration).")
+@click.option("--smooth-alpha", type=float, default=0.5, show_default=True,
+              help="w8a8: smoothing's migration strength, 0 (all on activations) to 1 (all on weights).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when torch sees a GPU, else CPU (small models).")
 @click.option("--revision", help="Revision when MODEL is a repo id (pulled with qtk's downloader if missing).")
@@ -80,8 +86,9 @@ class MethodHelpOption(click.Option):
 @json_option
 @quiet_option
 def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibration, text_field, samples, seq_len,
-                 allow_fewer, seed, chat_template, device, revision, overwrite, verbose) -> None:
-    """Quantize a BF16/FP16 checkpoint to 4-bit GPTQ, AWQ or NF4 that transformers and vLLM load.
+                 allow_fewer, seed, chat_template, smooth, smooth_alpha, device, revision, overwrite, verbose) -> None:
+    """Quantize a BF16/FP16 checkpoint to 4-bit GPTQ, AWQ or NF4, or to FP8 / INT8 W8A8 (compressed-tensors),
+    that transformers and vLLM load.
 
     MODEL is a local checkpoint directory or a Hub repo id (taken from the HF cache, pulled with
     qtk's verified downloader when missing). Everything that can be refused is checked before heavy
@@ -94,15 +101,20 @@ def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibra
       qtk quantize meta-llama/Llama-3.1-8B-Instruct --method awq --calibration chat -o ./llama-awq
       qtk quantize ./smollm2-bf16 --method gptq --group-size 64 --desc-act --samples 64 --seq-len 256
       qtk quantize ./model --method nf4 -o ./model-nf4 --json
+      qtk quantize ./model --method fp8 -o ./model-fp8              # vLLM FP8 (compressed-tensors)
+      qtk quantize ./model --method w8a8 --samples 64 -o ./model-w8a8   # vLLM INT8 W8A8, smoothed
     """
     from ..quantize.base import QuantizeOptions
+    from ..quantize.registry import get_method
     from ..quantize.run import quantize
 
     out = get_output()
+    if bits is None:  # the method's own default: the first width it supports
+        bits = get_method(method).bits[0]
     options = QuantizeOptions(
         method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field,
-        allow_fewer=allow_fewer, device=device,
+        allow_fewer=allow_fewer, device=device, smooth=smooth, smooth_alpha=smooth_alpha,
     )
     dest = output or _default_output(model, method, bits, group_size)
     with backend_session(out, "quantize", f"{Path(dest).name}", verbose=verbose) as progress:

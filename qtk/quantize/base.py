@@ -38,6 +38,8 @@ class QuantizeOptions:
     text_field: str | None = None
     allow_fewer: bool = False
     device: str = "auto"
+    smooth: bool = True  # W8A8: SmoothQuant smoothing from the calibration set (--no-smooth: off)
+    smooth_alpha: float = 0.5  # W8A8: SmoothQuant's migration strength, 0..1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +93,11 @@ class Method(ABC):
 
     def sym(self, options: QuantizeOptions) -> bool:
         return self.default_sym if options.sym is None else options.sym
+
+    def calibrates(self, options: QuantizeOptions) -> bool:
+        """Whether this run reads calibration samples (W8A8 only when it smooths); the pipeline builds
+        them, and records the set in provenance, only then."""
+        return self.needs_calibration
 
     def validate(self, model: SourceModel, options: QuantizeOptions, device: str) -> None:
         """Refuse early what the method cannot do. Subclasses extend it."""

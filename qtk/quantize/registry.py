@@ -31,16 +31,20 @@ class MethodSpec:
     implementation: str  # "package.module:Class", a Method subclass
     output_format: str  # the format qtk verify detects in the output (verify.models.detect_format)
     reads: tuple[str, ...]  # QuantizeOptions fields the output depends on (provision's keys); "method" implied
-    memory_model: str  # "layerwise" or "quantized_load": the branch of qtk.plan.quantize_memory that applies
-    weights: str  # "group" (4-bit + group scales/zeros) or "nf4": the format qtk.plan.quantized_format sizes
+    memory_model: str  # "layerwise", "quantized_load" or "whole_model": the branch of qtk.plan.quantize_memory
+    # "group" (4-bit + group scales/zeros, sized from --group-size) or the name of a qtk.plan.FORMATS entry
+    # ("nf4", "fp8-dynamic", "int8-w8a8"): the format qtk.plan.quantized_format sizes
+    weights: str
     summary: str  # one line for --help
     cpu_seconds_per_mparam: float = 1.0  # measured on SmolLM2-135M (2 cores), for the big-model warning
 
     def __post_init__(self) -> None:
-        if self.memory_model not in ("layerwise", "quantized_load"):
-            raise ValueError(f"{self.name}: memory_model must be 'layerwise' or 'quantized_load'")
-        if self.weights not in ("group", "nf4"):
-            raise ValueError(f"{self.name}: weights must be 'group' or 'nf4'")
+        if self.memory_model not in ("layerwise", "quantized_load", "whole_model"):
+            raise ValueError(f"{self.name}: memory_model must be 'layerwise', 'quantized_load' or 'whole_model'")
+        from ..plan import FORMATS  # no torch: the planner's format table
+
+        if self.weights != "group" and self.weights not in FORMATS:
+            raise ValueError(f"{self.name}: weights must be 'group' or one of qtk.plan.FORMATS")
 
     def load(self):
         """The :class:`~qtk.quantize.base.Method` instance (imports the module)."""
@@ -80,6 +84,20 @@ register(MethodSpec(
     reads=("bits",),  # NF4 has no symmetric/asymmetric choice: sym is never read
     memory_model="quantized_load", weights="nf4", cpu_seconds_per_mparam=0.2,
     summary="bitsandbytes NF4, data-free"))
+# compressed-tensors checkpoints for vLLM (Python >= 3.11). The whole model is loaded; on CPU, SmolLM2-135M:
+# FP8 ~0.1 CPU s per Mparam, W8A8 with smoothing over 64 x 256 tokens ~0.3 (BENCHMARKS.md "FP8 and INT8 W8A8").
+register(MethodSpec(
+    "fp8", "qtk.quantize.fp8:FP8", "fp8",
+    reads=(),  # data-free and 8-bit only: no option changes its output
+    memory_model="whole_model", weights="fp8-dynamic", cpu_seconds_per_mparam=0.1,
+    summary="compressed-tensors FP8 for vLLM (E4M3 weights per channel, dynamic per-token activations), "
+            "data-free; Python >= 3.11"))
+register(MethodSpec(
+    "w8a8", "qtk.quantize.w8a8:W8A8", "w8a8",
+    reads=("smooth", "smooth_alpha", *CALIBRATION_OPTIONS),
+    memory_model="whole_model", weights="int8-w8a8", cpu_seconds_per_mparam=0.3,
+    summary="compressed-tensors INT8 W8A8 for vLLM (per-channel weights, dynamic per-token activations), "
+            "SmoothQuant-smoothed from calibration (--no-smooth); Python >= 3.11"))
 
 
 def method_names() -> tuple[str, ...]:

@@ -242,7 +242,7 @@ def quantize(
     options = replace(options, sym=method.sym(options))
     method.validate(model, options, device)
     samples: Samples | None = None
-    if method.needs_calibration:
+    if method.calibrates(options):
         from transformers import AutoTokenizer
 
         cal = load_calibration(options.calibration, text_field=options.text_field, settings=settings)

@@ -1,5 +1,5 @@
-"""Open any model qtk verifies behind one small interface: HF checkpoints (BF16/FP16, GPTQ, AWQ, NF4)
-through transformers, GGUF files through llama-cpp-python on the CPU.
+"""Open any model qtk verifies behind one small interface: HF checkpoints (BF16/FP16, GPTQ, AWQ, NF4,
+compressed-tensors FP8/W8A8, decompressed on the CPU) through transformers, GGUF files through llama-cpp-python on the CPU.
 
     model = open_model("./llama-awq")            # or "org/repo", "model.gguf", ("org/repo", gguf_file=...)
     ids = model.tokenize(text)                   # the model's own tokenizer, no special tokens
@@ -46,7 +46,7 @@ def _rss_bytes() -> int | None:
 
 
 def detect_format(path: Path) -> str:
-    """'gguf', 'gptq', 'awq', 'nf4', 'bf16', 'fp16', 'fp32' (from magic bytes or config.json)."""
+    """'gguf', 'gptq', 'awq', 'nf4', 'fp8', 'w8a8', 'bf16', 'fp16', 'fp32' (from magic bytes or config.json)."""
     if path.is_file():
         with open(path, "rb") as fh:
             if fh.read(4) == GGUF_MAGIC:
@@ -60,10 +60,26 @@ def detect_format(path: Path) -> str:
         return "nf4" if qc.get("bnb_4bit_quant_type") == "nf4" else "bnb"
     if method in ("gptq", "awq"):
         return method
+    if method == "compressed-tensors":
+        return _compressed_format(qc)
     if method:
         return method
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def _compressed_format(qc: dict) -> str:
+    """'fp8' or 'w8a8' (the qtk methods that write them) for a compressed-tensors checkpoint whose one
+    config group holds 8-bit float / int weights with 8-bit input activations; else 'compressed-tensors'
+    (transformers still loads it)."""
+    groups = qc.get("config_groups")
+    group = next(iter(groups.values())) if isinstance(groups, dict) and len(groups) == 1 else None
+    w = group.get("weights") if isinstance(group, dict) else None
+    a = group.get("input_activations") if isinstance(group, dict) else None
+    if isinstance(w, dict) and isinstance(a, dict) and w.get("num_bits") == 8 == a.get("num_bits") \
+            and w.get("type") == a.get("type") and w.get("type") in ("float", "int"):
+        return "fp8" if w["type"] == "float" else "w8a8"
+    return "compressed-tensors"
 
 
 class Model(ABC):
