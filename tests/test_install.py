@@ -22,7 +22,8 @@ import pytest
 import qtk
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests came from
-BACKENDS = ("torch", "transformers", "gptqmodel", "optimum", "bitsandbytes", "llama_cpp", "matplotlib")
+BACKENDS = ("torch", "transformers", "gptqmodel", "optimum", "bitsandbytes", "compressed_tensors", "llama_cpp",
+            "matplotlib")
 
 
 @pytest.fixture(scope="module")
