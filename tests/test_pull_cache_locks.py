@@ -23,6 +23,7 @@ import pytest
 from conftest import rand
 from hubtest import start_server, write_plain_repo
 
+from qtk._proc import Owner
 from qtk.hub import _lock
 from qtk.hub._fetch import resumable_bytes
 from qtk.hub._lock import EXCL_SUFFIX, EXCLUSIVE_FILE, FLOCK, Locker, LockWaitTimeout
@@ -120,7 +121,7 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, no_
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     base = tmp_path / "x.lock"
-    _write_holder(Path(str(base) + EXCL_SUFFIX), host=Locker().host, pid=dead.pid)
+    _write_holder(Path(str(base) + EXCL_SUFFIX), **{**Owner.current().to_dict(), "pid": dead.pid})
     said = []
     lock = Locker(notify=said.append).try_acquire(base)
     assert lock is not None

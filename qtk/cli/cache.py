@@ -166,7 +166,8 @@ def prune_cmd(cache_dir: Path | None, dry_run: bool, partials_older_than: str) -
     useless; huggingface_hub's *.incomplete idle for an hour), lock files no process holds, blobs no
     snapshot links to (idle for an hour), and verified records of deleted blobs.
 
-    Anything a running pull holds a lock on is kept. Detached revisions are `hf cache prune`'s job.
+    Prune takes each partial's (and blob's) lock, without waiting, before removing it: anything a running
+    pull holds, or a process on another host may hold, is kept. Detached revisions are `hf cache prune`'s job.
 
     \b
     Examples:

@@ -6,10 +6,12 @@ Two kinds of lock, chosen per filesystem:
   drops it when the process dies, so there is nothing to clean up. After locking, the file is
   checked to still be the one at the path (a ``qtk cache prune`` may have removed it in between).
 * ``exclusive-file``: ``<name>.lock.excl`` created with ``O_CREAT | O_EXCL`` and holding the
-  owner's host, pid (and its start time) and a random id. A heartbeat thread refreshes its mtime
-  and checks that the file is still ours. A waiter breaks it when the owner is a dead process on
-  this host, or when its heartbeat has not moved for ``stale_after`` seconds *as the waiter
-  measures it* (the waiter's monotonic clock: no clock comparison between hosts).
+  owner's identity (:class:`qtk._proc.Owner`: host id, boot id, PID namespace, pid, start time) and a
+  random id. A heartbeat thread refreshes its mtime and checks that the file is still ours. A waiter
+  breaks it when the owner is provably dead (:func:`qtk._proc.is_provably_dead`: same host, boot and
+  PID namespace, pid gone or reused; another host's pid proves nothing here), or when its heartbeat
+  has not moved for ``stale_after`` seconds *as the waiter measures it* (the waiter's monotonic clock:
+  no clock comparison between hosts).
 
 The exclusive-file kind is used when ``flock`` fails with ENOLCK / ENOSYS / EOPNOTSUPP (NFS
 mounted ``nolock``, Lustre without ``flock``), and on filesystems where ``flock`` is known to
@@ -28,13 +30,14 @@ import fcntl
 import json
 import os
 import secrets
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from .._proc import Owner, host_id, is_provably_dead
 
 __all__ = ["Lock", "Locker", "LockWaitTimeout", "lock_mode", "holder_info", "is_locked", "FLOCK", "EXCLUSIVE_FILE", "EXCL_SUFFIX"]
 
@@ -121,39 +124,12 @@ def lock_mode(directory: Path, *, probe_error: int | None = None) -> str:
         return EXCLUSIVE_FILE
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _pid(value: object) -> int | None:
-    """A pid from a lock file (written by anyone): a positive int within Linux's pid range, else None."""
-    return value if type(value) is int and 0 < value <= 4194304 else None
-
-
-def _pid_alive(pid: int, start: object) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    now = _proc_start(pid)
-    return start is None or now is None or now == str(start)
-
-
 def is_locked(base: Path) -> bool:
-    """Whether a process holds the lock ``base`` (either kind) right now. Creates nothing (read-only caches)."""
+    """Whether a process holds the lock ``base`` (either kind) right now, or may (an exclusive lock file of
+    an owner not provably dead). Creates nothing (read-only caches)."""
     excl = Path(str(base) + EXCL_SUFFIX)
     if excl.exists():
-        info = holder_info(excl) or {}
-        pid = _pid(info.get("pid"))
-        same_host = info.get("host") == socket.gethostname()
-        return not (same_host and pid is not None and not _pid_alive(pid, info.get("start")))
+        return not is_provably_dead(Owner.from_dict(holder_info(excl)))
     try:
         fd = os.open(base, os.O_RDONLY)
     except OSError:
@@ -257,7 +233,7 @@ class Locker:
         self.stale_after = STALE_AFTER_S if stale_after is None else stale_after
         self.heartbeat = HEARTBEAT_S if heartbeat is None else heartbeat
         self.notify = notify or _announce
-        self.host = socket.gethostname()
+        self.host = host_id()
         self._held: list[Lock] = []
         self._mu = threading.Lock()
         self._stop = threading.Event()
@@ -334,8 +310,7 @@ class Locker:
     def _try_exclusive(self, base: Path, *, may_break: bool = True) -> Lock | None:
         path = Path(str(base) + EXCL_SUFFIX)
         token = secrets.token_hex(12)
-        info = {"host": self.host, "pid": os.getpid(), "start": _proc_start(os.getpid()), "id": token,
-                "created": time.time()}
+        info = {**Owner.current().on_host(self.host).to_dict(), "id": token, "created": time.time()}
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -370,9 +345,9 @@ class Locker:
         if key != seen.key:
             seen.key, seen.since = key, now
         reason = None
-        pid = _pid(info.get("pid"))
-        if info.get("host") == self.host and pid is not None and not _pid_alive(pid, info.get("start")):
-            reason = f"its process (pid {pid} on this host) is gone"
+        owner = Owner.from_dict(info)
+        if is_provably_dead(owner, here=Owner.current().on_host(self.host)):
+            reason = f"its process (pid {owner.pid} on this host) is gone"
         elif now - seen.since >= self.stale_after:
             reason = f"its heartbeat has not moved for {now - seen.since:.0f} s"
         if reason is None:

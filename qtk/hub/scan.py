@@ -4,8 +4,10 @@ The standard layout is read with huggingface_hub's own ``scan_cache_dir`` (so qt
 agree on repos, revisions and sizes); qtk adds what it knows on top: its resumable ``*.qtk-part``
 downloads (and huggingface_hub's ``*.incomplete`` ones), its verified records, its lock files.
 
-Nothing here deletes a file another process may be using: partial downloads and unreferenced blobs
-whose lock is held are kept, as is anything younger than a grace period.
+Nothing here deletes a file another process may be using: a partial download or an unreferenced blob
+is removed only while prune itself holds its lock (taken without waiting: one held by a pull, or by a
+process on another host that this host cannot prove dead, keeps it), and nothing younger than a grace
+period goes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import errors
+from .._proc import Owner
 from ._fetch import resumable_bytes
 from ._lock import EXCL_SUFFIX, Locker, holder_info, is_locked
 from .cache import MARKER_DIR, PART_SUFFIX, CacheTarget, RemoteFile, digest_file
@@ -311,6 +314,7 @@ class PruneAction:
     path: Path
     bytes: int
     reason: str
+    guard: Path | None = None  # the lock a pull holds while it uses ``path``: prune takes it to remove it
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "bytes": self.bytes, "reason": self.reason}
@@ -330,10 +334,12 @@ def _prune_partials(cache_dir: Path, partials_older_than: float, now: float) -> 
             continue
         blob = p.path.parent / p.oid
         done = blob.exists() and blob.stat().st_size == p.size
+        folder = p.path.parent.parent.name
         if p.kind == "hf":
             if p.age_s >= GRACE_S:
                 out.append(PruneAction("incomplete", p.path, p.path.stat().st_size,
-                                       f"huggingface_hub partial, untouched for {p.age_s / 3600:.1f} h (never resumed)"))
+                                       f"huggingface_hub partial, untouched for {p.age_s / 3600:.1f} h (never resumed)",
+                                       cache_dir / ".locks" / folder / f"{p.oid}.lock"))
             continue
         reason = None
         if done:
@@ -344,9 +350,10 @@ def _prune_partials(cache_dir: Path, partials_older_than: float, now: float) -> 
             reason = f"untouched for {p.age_s / 86400:.1f} days"
         if reason:
             state = p.path.with_name(p.path.name + STATE_SUFFIX)
-            out.append(PruneAction("partial", p.path, p.path.stat().st_size, reason))
+            guard = _lock_base(cache_dir, folder, p.oid)
+            out.append(PruneAction("partial", p.path, p.path.stat().st_size, reason, guard))
             if state.exists():
-                out.append(PruneAction("partial", state, state.stat().st_size, "its resume state"))
+                out.append(PruneAction("partial", state, state.stat().st_size, "its resume state", guard))
     return out
 
 
@@ -366,7 +373,7 @@ def _prune_locks(cache_dir: Path, now: float) -> list[PruneAction]:
         age = _age(p, now)
         if age >= GRACE_S:
             out.append(PruneAction("lock", p, 0, f"heartbeat stopped {age / 3600:.1f} h ago (held by "
-                                                 f"{info.get('host', '?')} pid {info.get('pid', '?')})"))
+                                                 f"{Owner.from_dict(info).describe()})"))
     return out
 
 
@@ -381,7 +388,8 @@ def _prune_blobs(cache_dir: Path, now: float) -> list[PruneAction]:
                 continue
             if _age(blob, now) < GRACE_S or is_locked(_lock_base(cache_dir, repo_dir.name, blob.name)):
                 continue  # may be a pull between placing the blob and linking it
-            out.append(PruneAction("unreferenced-blob", blob, blob.lstat().st_size, "no snapshot links to it"))
+            out.append(PruneAction("unreferenced-blob", blob, blob.lstat().st_size, "no snapshot links to it",
+                                   _lock_base(cache_dir, repo_dir.name, blob.name)))
         records = repo_dir / MARKER_DIR
         for rec in sorted(records.iterdir()) if records.is_dir() else ():
             if not (repo_dir / "blobs" / rec.name).exists():
@@ -399,28 +407,62 @@ def prune_cache(cache_dir: Path, *, dry_run: bool = False, partials_older_than: 
         cache_dir, now)
     if dry_run:
         return actions
-    done = []
-    for a in actions:
-        if a.kind == "lock" and a.path.name.endswith(".qtk.lock"):
-            lock = Locker().try_acquire(a.path)  # unlink while holding it: a waiter re-checks the inode
-            if lock is None:
-                continue
-            try:
-                a.path.unlink()
-            finally:
-                lock.release()
-        elif a.kind == "lock" and a.path.name.endswith(EXCL_SUFFIX):
-            info = holder_info(a.path) or {}
+    locker = Locker(notify=lambda text: None)
+    try:
+        return [a for a in actions if _remove(a, locker)]
+    finally:
+        locker.close()
+
+
+def _remove(a: PruneAction, locker: Locker) -> bool:
+    """Carry out one action; False when it was not done (its lock is held, it is gone already)."""
+    if a.kind == "lock" and a.path.name.endswith(".qtk.lock"):
+        lock = locker.try_acquire(a.path)  # unlink while holding it: a waiter re-checks the inode
+        if lock is None:
+            return False
+        try:
+            a.path.unlink()
+        finally:
+            lock.release()
+        return True
+    if a.kind == "lock" and a.path.name.endswith(EXCL_SUFFIX):
+        info = holder_info(a.path) or {}
+        with contextlib.suppress(OSError):
+            return Locker._break(a.path, info.get("id"), a.path.stat().st_ino)
+        return False
+    with _guarded(a.guard, locker) as free:
+        if not free:
+            return False  # a pull took it since the listing (or another host may hold it): kept
+        try:
+            a.path.unlink()
+        except FileNotFoundError:
+            return False
+    if a.kind == "unreferenced-blob":
+        with contextlib.suppress(FileNotFoundError):
+            (a.path.parent.parent / MARKER_DIR / a.path.name).unlink()
+    return True
+
+
+@contextlib.contextmanager
+def _guarded(guard: Path | None, locker: Locker):
+    """Holds ``guard`` (without waiting) while the body runs; yields False when someone else holds it. A
+    qtk lock file this created is removed again while held (qtk's waiters re-check the inode); a
+    huggingface_hub one is left as it is."""
+    if guard is None:
+        yield True
+        return
+    existed = os.path.lexists(guard)
+    try:
+        lock = locker.try_acquire(guard)
+    except OSError:
+        lock = None
+    if lock is None:
+        yield False
+        return
+    try:
+        yield True
+        if not existed and guard.name.endswith(".qtk.lock"):
             with contextlib.suppress(OSError):
-                if not Locker._break(a.path, info.get("id"), a.path.stat().st_ino):
-                    continue
-        else:
-            try:
-                a.path.unlink()
-            except FileNotFoundError:
-                continue
-            if a.kind == "unreferenced-blob":
-                with contextlib.suppress(FileNotFoundError):
-                    (a.path.parent.parent / MARKER_DIR / a.path.name).unlink()
-        done.append(a)
-    return done
+                guard.unlink()
+    finally:
+        lock.release()

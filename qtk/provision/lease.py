@@ -9,14 +9,14 @@ the store lock) when its lease has expired:
 * the lease file's mtime is older than ``ttl`` seconds, measured against the mtime of a file this
   process has just touched on the same filesystem: both times come from the same clock (the file
   server's, on NFS), so host clocks never need to agree;
-* or the owner is provably dead: same host id, same boot, same PID namespace, and its pid (with the
-  process start time) is gone. A second host, or a pod with its own PID namespace, never qualifies:
-  its pids mean nothing here, so only the heartbeat can expire it;
+* or the owner is provably dead (:func:`qtk._proc.is_provably_dead`, the one rule qtk has: same host
+  id, same boot, same PID namespace, and its pid gone or reused). A second host, or a pod with its own
+  PID namespace, never qualifies: its pids mean nothing here, so only the heartbeat can expire it;
 * a temporary whose lease file is missing (a run that ended, or a temporary written without a
   lease) counts as expired once the temporary itself has not changed for ``ttl`` seconds.
 
-The host id is ``$QTK_HOST_ID`` when set (tests simulate a second host with it; a fleet may set it to
-a node name), else the host name.
+The host id (:func:`qtk._proc.host_id`) is ``$QTK_HOST_ID`` when set (tests simulate a second host with
+it; a fleet may set it to a node name), else the host name.
 """
 
 from __future__ import annotations
@@ -26,41 +26,19 @@ import json
 import os
 import re
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hub._lock import _pid, _pid_alive, _proc_start
+from .._fs import fs_now, write_json
+from .._proc import Owner, host_id, is_provably_dead
 
-__all__ = ["Lease", "LeaseInfo", "host_id", "lease_expired", "TTL_S", "HEARTBEAT_S"]
+__all__ = ["Lease", "LeaseInfo", "host_id", "fs_now", "lease_expired", "TTL_S", "HEARTBEAT_S"]
 
 TTL_S = 120.0  # a lease whose heartbeat is older than this is expired
 HEARTBEAT_S = 10.0
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}-[0-9a-f]{12}$")
-
-
-def host_id() -> str:
-    """This host's id in lease files and temporary names: $QTK_HOST_ID, else the host name."""
-    raw = os.environ.get("QTK_HOST_ID") or socket.gethostname() or "host"
-    return _SAFE.sub("_", raw)[:64]
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def _pid_ns() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
 
 
 def is_lease_id(text: str) -> bool:
@@ -95,8 +73,12 @@ class LeaseInfo:
             return None
         if not isinstance(d, dict):
             return None
-        s = lambda k: d[k] if isinstance(d.get(k), str) else None  # noqa: E731
-        return cls(path.stem, s("host"), _pid(d.get("pid")), s("start"), s("pidns"), s("boot"))
+        o = Owner.from_dict(d)
+        return cls(path.stem, o.host, o.pid, o.start, o.pidns, o.boot)
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.host, self.boot, self.pidns, self.pid, self.start)
 
 
 class Lease:
@@ -113,16 +95,10 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _info(self) -> dict:
-        return {"host": self.host, "pid": os.getpid(), "start": _proc_start(os.getpid()), "pidns": _pid_ns(),
-                "boot": _read("/proc/sys/kernel/random/boot_id"), "created": time.time()}
+        return {**Owner.current().on_host(self.host).to_dict(), "created": time.time()}
 
     def _write(self) -> None:
-        tmp = self.dir / f".{self.id}.json.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(self._info()))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_json(self.path, self._info(), indent=None, newline=False, tmp=self.dir / f".{self.id}.json.tmp")
 
     def start(self) -> Lease:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -153,19 +129,6 @@ class Lease:
         self.close()
 
 
-def fs_now(directory: Path) -> float:
-    """The current time of the filesystem holding ``directory``: the mtime of a file touched just now
-    (the file server's clock on NFS, the clock lease mtimes are written with)."""
-    probe = Path(directory) / f".clock-{host_id()}-{os.getpid()}"
-    with open(probe, "a"):
-        pass
-    os.utime(probe)
-    try:
-        return os.stat(probe).st_mtime
-    finally:
-        probe.unlink(missing_ok=True)
-
-
 def lease_expired(info: LeaseInfo | None, lease_path: Path, now: float, *, ttl: float) -> bool:
     """Whether a lease is expired (``now`` from :func:`fs_now`; ``info`` None: unreadable or missing)."""
     try:
@@ -176,6 +139,4 @@ def lease_expired(info: LeaseInfo | None, lease_path: Path, now: float, *, ttl: 
         return True
     if info is None:
         return False  # being written (or garbage that will age out)
-    return (info.host == host_id() and info.boot == _read("/proc/sys/kernel/random/boot_id")
-            and info.pidns is not None and info.pidns == _pid_ns()
-            and info.pid is not None and not _pid_alive(info.pid, info.start))
+    return is_provably_dead(info.owner)

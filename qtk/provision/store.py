@@ -16,7 +16,8 @@
 
 Publishing swaps the symlink with one ``rename``: a reader (the mirror, a node pulling) sees the old
 version or the new one, never a mix. Every directory and JSON file appears by rename of a finished
-temporary, so a crash at any point leaves either the old or the new state. The mirror skips names that
+temporary, fsynced first and its directory after (:mod:`qtk._fs`), so a crash or a power loss at any
+point leaves either the old or the new state. The mirror skips names that
 start with a dot, so the bookkeeping is never served.
 
 Temporaries are named ``.<name>.tmp-<lease id>`` (host + random id, :mod:`qtk.provision.lease`) and
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .. import errors
+from .. import _fs, errors
 from ..hub._lock import Locker, LockWaitTimeout
 from .lease import Lease, LeaseInfo, env_ttl, fs_now, host_id, is_lease_id, lease_expired
 
@@ -123,9 +124,7 @@ class ProvisionStore:
     # -- files ------------------------------------------------------------------------------------
 
     def write_json(self, path: Path, obj) -> None:
-        tmp = path.with_name(self.tmp_name(path.name))
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        _fs.write_json(path, obj, tmp=path.with_name(self.tmp_name(path.name)))
 
     @staticmethod
     def read_json(path: Path) -> dict | None:
@@ -260,9 +259,7 @@ class ProvisionStore:
                     if owner not in (None, mine):
                         self._clean_workspace(ws)
                         ws.mkdir(exist_ok=True)
-                    tmp = ws / self.tmp_name("owner")
-                    tmp.write_text(mine or "")
-                    os.replace(tmp, ws / OWNER)
+                    _fs.write_atomic(ws / OWNER, mine or "", tmp=ws / self.tmp_name("owner"))
                     return ws
             if timeout is not None and time.monotonic() - t0 > timeout:
                 raise errors.LockTimeoutError(f"Another run (lease {owner}) is still building {key} in {ws}.",
@@ -300,8 +297,9 @@ class ProvisionStore:
         for rel, target in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(target, tmp / rel)
+        _fs.fsync_tree(tmp)  # the links are entries of their directories
         try:
-            os.replace(tmp, view)
+            _fs.replace_durable(tmp, view)
         except OSError:  # made meanwhile by another run (identical), or a broken one from a crash
             if not _view_matches(view, files):
                 with self.lock("store", timeout=None):
@@ -364,8 +362,9 @@ class ProvisionStore:
             for name, text in extra.items():
                 (tmp / name).unlink(missing_ok=True)  # never write through a hard link into the build
                 (tmp / name).write_text(text)
+            _fs.fsync_tree(tmp)  # a version is complete on disk before it can be published
             try:
-                os.replace(tmp, dest)
+                _fs.replace_durable(tmp, dest)
             except OSError:  # published by a concurrent run in the meantime: identical by construction
                 shutil.rmtree(tmp, ignore_errors=True)
         link = self.repo_path(repo_id)
@@ -376,7 +375,7 @@ class ProvisionStore:
         tmp_link = link.parent / self.tmp_name(link.name, "qtk-link")
         tmp_link.unlink(missing_ok=True)
         os.symlink(os.path.relpath(dest, link.parent), tmp_link)
-        os.replace(tmp_link, link)  # the one atomic step
+        _fs.replace_durable(tmp_link, link)  # the one atomic step
         return dest
 
     def prune_artifacts(self, keep: set[str]) -> list[str]:

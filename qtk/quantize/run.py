@@ -2,14 +2,17 @@
 
 validate (before any heavy work) -> calibration samples -> method.run into a temp dir -> tokenizer
 files, chat template, generation config copied from the source -> check the standard
-quantization_config -> model card + qtk_provenance.json -> atomic rename into place.
+quantization_config -> model card -> sealed: every file fsynced, then qtk_provenance.json written
+durably, last (a build is trusted when its provenance exists: after a power loss it is whole or has
+none) -> put in place atomically (``--overwrite`` swaps; the old output goes only once the new one is
+durably in place). A killed run's leftovers are settled by the next run of the same output
+(:mod:`qtk.quantize._output`: only when their owner is provably dead).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import shutil
 import time
@@ -18,11 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, errors
+from .. import __version__, _fs, errors
 from .._stdio import stdout_to_stderr
 from ..devices import resolve_device
 from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
+from ._output import OutputRun, recover
 from .calibration import Samples, build_samples, load_calibration
 from .registry import get_method, method_spec
 from .source import SourceModel, file_sha256, resolve_model
@@ -91,14 +95,17 @@ def _layer_progress(model: SourceModel, device: str, progress: Progress | None):
         progress("quantize: layers done", total, total, _peak_bytes(device))
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise errors.OutputExistsError(f"{out} already exists.", hint="Choose another -o, or pass --overwrite.")
+def _output_exists(out: Path) -> errors.OutputExistsError:
+    return errors.OutputExistsError(f"{out} already exists.", hint="Choose another -o, or pass --overwrite.")
+
+
+def _check_output(out: Path, overwrite: bool, log: Callable[[str], None] = lambda s: None) -> None:
+    """Settle what killed runs of ``out`` left (restoring an output a killed ``--overwrite`` had set aside),
+    then refuse an existing output unless ``overwrite``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.qtk-tmp-*"):  # left by a killed run
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
+    recover(out, note=log)
+    if out.exists() and not overwrite:
+        raise _output_exists(out)
 
 
 def _check_resources(model: SourceModel, method: Method, options: QuantizeOptions, device: str, out_parent: Path,
@@ -190,10 +197,8 @@ def _drop_build_paths(out: Path) -> None:
                     if holder.get(key) is not None:
                         holder[key] = None
                         changed = True
-        if changed:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-            tmp.replace(path)
+        if changed:  # not durable here: the whole output is fsynced before its provenance is written
+            _fs.write_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n", durable=False)
 
 
 def _check_quantization_config(out: Path, method: Method, options: QuantizeOptions) -> dict:
@@ -235,7 +240,7 @@ def quantize(
     # -- everything that can be refused is refused before heavy work
     method.check_available()
     device = resolve_device(options.device)
-    _check_output(out, overwrite)
+    _check_output(out, overwrite, log)
     model = resolve_model(model_spec, revision=revision, settings=settings)
     if origin is not None:
         model = replace(model, repo_id=origin["repo_id"], commit=origin["commit"])
@@ -258,10 +263,9 @@ def quantize(
     log(f"Quantizing {model.repo_id or model.path} ({model.num_params / 1e6:.0f}M params, {model.dtype}) with "
         f"{method.name} {options.bits}-bit, group {options.group_size}, {'sym' if options.sym else 'asym'} on {device}")
 
-    tmp = out.parent / f".{out.name}.qtk-tmp-{os.getpid()}"
+    run = OutputRun.start(out)  # owner record, then the temporary: see qtk.quantize._output
+    tmp = run.tmp
     work = out.parent / f".{out.name}.qtk-work"  # a method's resume checkpoint: kept until success
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         import torch
 
@@ -306,16 +310,13 @@ def quantize(
             "peak_vram_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         }
         (tmp / "README.md").write_text(_model_card(model, method, prov))
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, default=str) + "\n")
-        if out.exists():  # --overwrite: swap, so `out` is never half of either
-            old = out.parent / f".{out.name}.qtk-old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _fs.seal(tmp, PROVENANCE_FILE, json.dumps(prov, indent=2, default=str) + "\n")  # last, durably
+        try:
+            run.install(overwrite=overwrite)  # --overwrite: swapped, `out` is never half of either, nor missing
+        except FileExistsError:  # made by another run meanwhile
+            raise _output_exists(out) from None
         shutil.rmtree(work, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        run.abandon()
         raise
     return QuantizeResult(out, prov)
