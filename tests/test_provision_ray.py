@@ -184,13 +184,53 @@ def test_a_task_pulls_only_what_its_node_does_not_see(cluster, tmp_path, monkeyp
     q = artifact_task(m, opts, "run1", "smol", "qtk/smol-nf4", plan.commit, "quantize")
     assert q["error"] is None and q["row"].steps["quantize"] == "done", q
     assert q["row"].steps["pull"] == "done"
-    v = artifact_task(m, opts, "run1", "smol", "qtk/smol-nf4", plan.commit, "verify", q["row"])
+    v = artifact_task(m, opts, "run1", "smol", "qtk/smol-nf4", plan.commit, "verify", q)
     assert v["error"] is None and v["row"].steps["publish"] == "done", v
     assert v["row"].steps["pull"] == "done" and v["row"].steps["quantize"] == "done"  # the quantize task's
     evs = ProvisionStore(store).events()
     assert [(e["step"], e["result"]) for e in evs if e["step"] == "pull"] == [("pull", "start"), ("pull", "done")]
     assert plan.total_bytes <= cluster.bytes_sent - sent0 < plan.total_bytes * 1.1  # once, by the quantize task
     assert [e["step"] for e in evs if e["result"] == "start"] == ["pull", "quantize", "verify", "publish"]
+
+
+@pytest.mark.slow
+def test_verify_task_takes_the_quantize_tasks_key_on_another_kind_of_node(cluster, tmp_path):
+    """Soft node affinity spills a verify task to another node when the build's node is busy, and that node
+    may hold another kind of GPU: another compute capability, so another device class in the toolchain its
+    keys hash. The verify task takes the quantize task's key (the inputs it returns) instead of recomputing
+    it there: it finds the build and publishes it. Both stages run as Ray tasks; the verify task's worker
+    reads its device class as cuda:sm90 (qtk.provision.keys.device_class replaced for that task only)."""
+    from qtk.hub.download import plan_pull
+    from qtk.provision import ProvisionOptions, load_manifest
+    from qtk.provision.ray_executor import _worker_env, artifact_task
+
+    store = tmp_path / "store"
+    (tmp_path / "m.toml").write_text(MANIFEST.format(store=store).split("[[models.recipes]]\nmethod = \"nf4\"\nname")[0])
+    m = load_manifest(tmp_path / "m.toml")
+    commit = plan_pull("acme/smol", include=m.models[0].include, exclude=m.models[0].exclude).commit
+    args = (m, ProvisionOptions(executor="ray"), "run1", "smol", "qtk/smol-nf4", commit)
+
+    def on_another_kind_of_node(*task_args):
+        import qtk.provision.keys as keys
+
+        real = keys.device_class
+        keys.device_class = lambda device: "cuda:sm90"
+        try:
+            return artifact_task(*task_args), keys.toolchain(None, "cpu")["device"]
+        finally:
+            keys.device_class = real  # the worker process serves later tasks
+
+    place = {"num_cpus": 1, "runtime_env": {"env_vars": _worker_env()}}
+    q = ray.get(ray.remote(artifact_task).options(**place).remote(*args, "quantize"))
+    assert q["error"] is None and q["row"].steps["quantize"] == "done", q
+    assert q["quantize_inputs"]["toolchain"]["device"] == "cpu"
+    v, device = ray.get(ray.remote(on_another_kind_of_node).options(**place).remote(*args, "verify", q))
+    assert device == "cuda:sm90"  # the verify task's node would key the build differently
+    assert v["error"] is None and v["row"].steps["publish"] == "done", v
+    assert v["row"].keys["quantize"] == q["row"].keys["quantize"]
+    assert v["row"].keys["verify"] != q["row"].keys["verify"]  # its own numbers: keyed with its own toolchain
+    prov = json.loads((store / "qtk" / "smol-nf4" / "qtk_provision.json").read_text())
+    assert prov["keys"]["quantize"] == q["row"].keys["quantize"]
 
 
 @pytest.mark.parametrize("manifest_device, driver_device, cluster_gpus, gpus", [

@@ -138,8 +138,8 @@ def test_dry_run_lists_and_writes_nothing(qtk, hub, cache_dir):
     doc = json.loads(qtk("pull", "acme/tiny", "--dry-run", "--json").stdout)
     present = {f["path"] for f in doc["files"] if f["present"]}
     assert present == {"config.json", "tokenizer.json"}
-    text = qtk("pull", "acme/tiny", "--dry-run").stderr
-    assert "present" in text and "model.safetensors" in text and "free disk" in text
+    r = qtk("pull", "acme/tiny", "--dry-run")  # the plan is the result (stdout); the notes go to stderr
+    assert "present" in r.stdout and "model.safetensors" in r.stdout and "free disk" in r.stderr
 
 
 def test_local_dir_and_its_idempotence(qtk, hub, hub_root, tmp_path):

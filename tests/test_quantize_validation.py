@@ -87,7 +87,7 @@ def test_output_exists_needs_overwrite(qtk, smol_layers, tmp_path):
 def test_unsupported_bits_and_unknown_calibration(qtk, smol_layers, tmp_path):
     r = qtk("quantize", str(smol_layers(2)), "--method", "awq", "--bits", "8", "--group-size", "64",
             "-o", str(tmp_path / "o1"))
-    assert r.exit_code == 51 and "--bits 4" in r.stderr
+    assert r.exit_code == 51 and "--bits: awq supports 4 bits, not 8" in r.stderr
     r = qtk("quantize", str(smol_layers(2)), "--method", "gptq", "--group-size", "64", "--calibration", "wikitext",
             "-o", str(tmp_path / "o2"))
     assert r.exit_code == 54 and "prose" in r.stderr

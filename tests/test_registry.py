@@ -89,6 +89,9 @@ def test_provision_validates_and_keys_a_registered_method(toy, tmp_path):
     k3 = Provisioner(m3, ProvisionOptions(dry_run=True))._inputs(m3.models[0], m3.models[0].recipes[0],
                                                                  {"repo": "acme/tiny-llama", "commit": "0" * 40})["keys"]
     assert k2["quantize"] == keys["quantize"] and k3["quantize"] != keys["quantize"]
+    # the allowed values are the method class's (Toy.bits), checked when the manifest loads
+    with pytest.raises(ManifestError, match=r"recipes\[0\]\.bits: toy supports 2 or 3 bits, not 5"):
+        load_manifest(_manifest(tmp_path, "toy", bits=5))
 
 
 def test_registered_method_runs_through_the_shared_pipeline(qtk, toy, hub_root, tmp_path):

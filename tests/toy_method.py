@@ -16,7 +16,7 @@ from qtk.quantize.base import Method, QuantizeOptions, RunContext
 class Toy(Method):
     name = "toy"
     description = "toy method for the registry test: copies the weights"
-    bits = (2,)
+    bits = (2, 3)
     needs_calibration = False
     uses_group_size = False
     distribution = "qtk"

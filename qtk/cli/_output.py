@@ -1,7 +1,7 @@
 """Human and JSON output, carried in the Click context (no module-level singleton).
 
-Human messages go to stderr; the result a script wants (a path, or the JSON document) goes to
-stdout. Everything printed passes through :func:`qtk.errors.redact`.
+Human messages go to stderr; the result a script wants (a path, a listing or report table, or the
+JSON document) goes to stdout. Everything printed passes through :func:`qtk.errors.redact`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ class Output:
         """The line a script captures (stdout)."""
         if not self.json_mode:
             click.echo(redact(text))
+
+    def table(self, renderable) -> None:
+        """A result that is a table (a listing, a report): to stdout, like every result; colours only when
+        stdout is a terminal. Nothing with --json (the JSON document is the result then)."""
+        if self.json_mode:
+            return
+        con = Console(highlight=False)  # stdout as it is now (CliRunner swaps it)
+        if not con.is_terminal:
+            con.width = 200
+        with con.capture() as cap:
+            con.print(renderable)
+        click.echo(redact(cap.get()), nl=False)
 
     def json(self, obj) -> None:
         click.echo(redact(json.dumps(obj, indent=2, default=str)))

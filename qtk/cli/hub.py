@@ -181,10 +181,9 @@ def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_typ
             out.json(doc)
             return
         out.info(summary + ("  (offline: from the cache)" if plan.offline else ""))
-        if not out.quiet:
-            out.err.print(_plan_table(plan))
-            out.info(f"free disk at destination: {human_bytes(free_bytes(plan.root))}; "
-                     f"needed: {human_bytes(plan.disk_bytes_needed)}")
+        out.table(_plan_table(plan))  # the dry run's result: stdout
+        out.info(f"free disk at destination: {human_bytes(free_bytes(plan.root))}; "
+                 f"needed: {human_bytes(plan.disk_bytes_needed)}")
         return
     if plan.offline:
         out.info(f"Offline (HF_HUB_OFFLINE): {summary.split(';')[0]} in the cache.")

@@ -231,5 +231,5 @@ def status_cmd(target: Path) -> None:
                   f"{r['size_bytes'] / 1e6:.1f} MB" if r["size_bytes"] else "-",
                   _fmt(mt.get("ppl_increase_pct"), "+.1f", "%"), _fmt(mt.get("kld_mean"), ".3f"),
                   _fmt(mt.get("top1_pct"), ".1f", "%"), last)
-    out.err.print(t)
+    out.table(t)
     out.info(f"Serve it: qtk serve {store.root}")

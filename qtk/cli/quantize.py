@@ -18,6 +18,8 @@ def _default_output(model: str, method: str, bits: int, group: int) -> Path:
     from ..quantize.registry import method_spec
 
     name = Path(model).name if Path(model).exists() else model.split("/")[-1]
+    if method_spec(method).output_format == "gguf":  # several types per run: the folder holds them all
+        return Path(f"{name}-gguf")
     suffix = f"w{bits}" + (f"g{group}" if method_spec(method).weights == "group" else "")
     return Path(f"{name}-{method}-{suffix}")
 
@@ -77,6 +79,12 @@ class MethodHelpOption(click.Option):
                    "gate/up (--no-smooth reads no calibration).")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True,
               help="w8a8: smoothing's migration strength, 0 (all on activations) to 1 (all on weights).")
+@click.option("--gguf-type", "gguf_type", multiple=True, metavar="TYPE",
+              help="gguf: a llama.cpp file type, repeatable (one conversion and one importance matrix for all): "
+                   "BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, IQ4_XS, Q3_K_M, IQ2_XS and more (`qtk plan` sizes them).")
+@click.option("--imatrix/--no-imatrix", default=True, show_default=True,
+              help="gguf: quantize with an importance matrix from the calibration set (--no-imatrix: K-quants "
+                   "only, to compare; I-quants are refused without one).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when torch sees a GPU, else CPU (small models).")
 @click.option("--revision", help="Revision when MODEL is a repo id (pulled with qtk's downloader if missing).")
@@ -86,7 +94,8 @@ class MethodHelpOption(click.Option):
 @json_option
 @quiet_option
 def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibration, text_field, samples, seq_len,
-                 allow_fewer, seed, chat_template, smooth, smooth_alpha, device, revision, overwrite, verbose) -> None:
+                 allow_fewer, seed, chat_template, smooth, smooth_alpha, gguf_type, imatrix, device, revision, overwrite,
+                 verbose) -> None:
     """Quantize a BF16/FP16 checkpoint to 4-bit GPTQ, AWQ or NF4, or to FP8 / INT8 W8A8 (compressed-tensors),
     that transformers and vLLM load.
 
@@ -103,6 +112,7 @@ def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibra
       qtk quantize ./model --method nf4 -o ./model-nf4 --json
       qtk quantize ./model --method fp8 -o ./model-fp8              # vLLM FP8 (compressed-tensors)
       qtk quantize ./model --method w8a8 --samples 64 -o ./model-w8a8   # vLLM INT8 W8A8, smoothed
+      qtk quantize ./model --method gguf --gguf-type Q4_K_M --gguf-type IQ4_XS -o ./model-gguf   # llama.cpp/Ollama
     """
     from ..quantize.base import QuantizeOptions
     from ..quantize.registry import get_method
@@ -114,7 +124,8 @@ def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibra
     options = QuantizeOptions(
         method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calibration=calibration,
         samples=samples, seq_len=seq_len, seed=seed, chat_template=chat_template, text_field=text_field,
-        allow_fewer=allow_fewer, device=device, smooth=smooth, smooth_alpha=smooth_alpha,
+        allow_fewer=allow_fewer, device=device, smooth=smooth, smooth_alpha=smooth_alpha, gguf_type=gguf_type,
+        imatrix=imatrix,
     )
     dest = output or _default_output(model, method, bits, group_size)
     with backend_session(out, "quantize", f"{Path(dest).name}", verbose=verbose) as progress:
@@ -125,7 +136,8 @@ def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibra
         return
     p = result.provenance
     cal = p.get("calibration")
-    out.info(f"Done in {p['wall_s']:.0f} s on {p['device']}: {p['method']} {p['options']['bits']}-bit"
+    what = (f"{', '.join(p['options']['gguf_type'])}" if p["method"] == "gguf" else f"{p['options']['bits']}-bit")
+    out.info(f"Done in {p['wall_s']:.0f} s on {p['device']}: {p['method']} {what}"
              + (f", calibration {cal['name']} ({cal['samples']} x {cal['seq_len']} tokens)" if cal else "")
              + (f", peak RSS {p['peak_rss_bytes'] / 1e9:.2f} GB" if p.get("peak_rss_bytes") else "")
              + (f", peak VRAM {p['peak_vram_bytes'] / 1e9:.2f} GB" if p.get("peak_vram_bytes") else ""))
@@ -153,4 +165,4 @@ def calibration_list() -> None:
         table.add_column(col)
     for s in sets:
         table.add_row(s["name"], s["kind"], s["description"], s["license"])
-    out.err.print(table)
+    out.table(table)

@@ -11,7 +11,38 @@ from .. import errors
 from ._output import get_output
 from ._progress import backend_session
 
-__all__ = ["verify_cmd"]
+__all__ = ["verify_cmd", "gate_options"]
+
+
+class GateLimit(click.ParamType):
+    """A gate's limit on the command line: a finite number in the gate's range (``nan``, ``inf`` and
+    negative numbers are refused with exit 2, as in a manifest)."""
+
+    name = "number"
+
+    def __init__(self, gate) -> None:
+        self.gate = gate
+
+    def convert(self, value, param, ctx):
+        from ..verify.gates import limit_problem
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        if why := limit_problem(self.gate, number):
+            self.fail(why + ".", param, ctx)
+        return number
+
+
+def gate_options(f):
+    """One option per row of qtk.verify.gates.GATES (the command receives them by the gate's name)."""
+    from ..verify.gates import GATES
+
+    for g in reversed(GATES):
+        metavar = "PCT" if g.unit == "%" else "X"
+        f = click.option(g.option, g.name, type=GateLimit(g), metavar=metavar, help=g.help)(f)
+    return f
 
 
 @click.command("verify")
@@ -36,9 +67,7 @@ __all__ = ["verify_cmd"]
 @click.option("--markdown", "md_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a Markdown report.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG: quality vs size on disk, and decode tokens/s.")
-@click.option("--max-ppl-increase", type=float, metavar="PCT", help="Gate: candidate perplexity at most PCT% above the reference.")
-@click.option("--max-kld", type=float, metavar="X", help="Gate: mean KL divergence from the reference at most X.")
-@click.option("--min-top1", type=float, metavar="PCT", help="Gate: top-1 agreement with the reference at least PCT%.")
+@gate_options
 @click.option("--require-smoke", is_flag=True, help="Gate: every smoke answer non-empty, stopped, not looping.")
 @click.option("--smoke-answers/--no-smoke-answers", default=True, show_default=True,
               help="Print the smoke answers side by side above the table (they are in --markdown/--json either way).")
@@ -46,8 +75,8 @@ __all__ = ["verify_cmd"]
 @click.option("-v", "--verbose", is_flag=True,
               help="Stream the backends' own output live (default: into a per-run log file, path printed).")
 def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gguf_file, smoke, max_new_tokens,
-               temperature, top_p, seed, device, threads, json_file, md_file, plot_file, max_ppl_increase, max_kld,
-               min_top1, require_smoke, smoke_answers, quiet, verbose) -> None:
+               temperature, top_p, seed, device, threads, json_file, md_file, plot_file, require_smoke, smoke_answers,
+               quiet, verbose, **limits) -> None:
     """Compare quantized models (and GGUF files) with a reference, with one protocol for every format.
 
     Each model is a checkpoint dir, a repo id (from the cache; pulled with qtk if missing), or a GGUF
@@ -73,7 +102,8 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
     out = get_output()
     if quiet:
         out.quiet = True
-    if not candidates and any(x is not None for x in (max_ppl_increase, max_kld, min_top1)):
+    gates = Gates(**limits, require_smoke=require_smoke)
+    if not candidates and gates.limits():
         raise errors.UsageError("Gates compare candidates with the reference: give at least one candidate.")
     opts = VerifyOptions(text=text_spec, text_field=text_field, ctx=ctx, max_tokens=max_tokens, smoke=smoke,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -82,9 +112,8 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
         out.quiet = True  # stdout carries the JSON; the terminal gets nothing else but errors
     with backend_session(out, "verify", render.short_name(reference), verbose=verbose) as progress:
         report = verify(reference, list(candidates), opts, gguf_file=gguf_file, log=out.info, progress=progress)
-        failures = check_gates(report, Gates(max_ppl_increase, max_kld, min_top1, require_smoke))
-        report["gates"] = {"max_ppl_increase_pct": max_ppl_increase, "max_kld": max_kld, "min_top1_pct": min_top1,
-                           "require_smoke": require_smoke, "failures": failures, "passed": not failures}
+        failures = check_gates(report, gates)
+        report["gates"] = {**limits, "require_smoke": require_smoke, "failures": failures, "passed": not failures}
         if json_file is not None and str(json_file) != "-":
             json_file.write_text(json.dumps(report, indent=2, default=str))
         if md_file is not None:
@@ -99,6 +128,6 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
                 for s in m["smoke"]:
                     mark = "ok " if s["ok"] else "BAD"
                     out.err.print(f"  [{mark}] {m['name'][:28]:<28} {s['name']:<12} {s['answer'][:70]!r}", markup=False)
-        out.err.print(render.table(report))
+        out.table(render.table(report))  # the result: stdout
     if failures:
         raise gate_error(failures)

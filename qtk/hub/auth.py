@@ -72,11 +72,40 @@ def get_token(settings: Settings) -> Token | None:
     return Token(value, str(settings.token_path))
 
 
-def _whoami(settings: Settings, token: Token) -> Identity:
-    from huggingface_hub import HfApi
+AUTH_ATTEMPTS = 2  # a person is waiting: one retry after a timeout or a 5xx, then a clear error
 
-    with map_hub_errors(HubContext(settings.endpoint, has_token=True)):
-        info = HfApi(endpoint=settings.endpoint, library_name="qtk").whoami(token=token.value)
+
+def _whoami(settings: Settings, token: Token) -> Identity:
+    """``GET /api/whoami-v2`` on huggingface_hub's client (its headers and error classes), with the metadata
+    timeouts of :class:`~qtk.hub._retry.RetryPolicy` (``HF_HUB_ETAG_TIMEOUT``, default 30 s to answer, 10 s
+    to connect): huggingface_hub's ``whoami`` has none and waits forever on a server that never answers.
+    A server that does not answer in time is a :class:`~qtk.errors.NetworkError` naming the endpoint."""
+    import httpx2
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    from .. import __version__
+    from ._metadata import call_with_retries
+    from ._retry import RetryPolicy
+
+    ctx = HubContext(settings.endpoint, has_token=True)
+    policy = RetryPolicy.from_env(attempts=AUTH_ATTEMPTS)
+    headers = build_hf_headers(token=token.value, library_name="qtk", library_version=__version__)
+
+    def get():
+        r = get_session().get(f"{settings.endpoint}/api/whoami-v2", headers=headers,
+                              timeout=httpx2.Timeout(policy.read_timeout, connect=policy.connect_timeout))
+        hf_raise_for_status(r)
+        return r
+
+    with map_hub_errors(ctx):
+        r = call_with_retries("Checking the token", get, policy, ctx)
+    try:
+        info = r.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise errors.NetworkError(f"{ctx.shown_endpoint}/api/whoami-v2 did not answer a JSON object.",
+                                  hint="Check HF_ENDPOINT: it should be a Hub or a Hub-compatible server.")
     access = (info.get("auth") or {}).get("accessToken") or {}
     return Identity(
         name=info.get("name", "?"),

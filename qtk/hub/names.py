@@ -28,11 +28,25 @@ __all__ = [
     "check_repo_id",
     "check_ref_name",
     "check_repo_path",
+    "PATH_PART_MAX",
+    "TOP_LEVEL_DOT_FILES",
+    "pull_path_problem",
+    "is_pull_path",
+    "check_pull_path",
+    "check_pull_tree",
+    "tree_conflict",
 ]
 
 REPO_ID_MAX = 96  # per part, as the Hub (huggingface_hub's validate_repo_id)
 REF_NAME_MAX = 255
 REPO_PATH_MAX = 1024
+# Bytes (UTF-8) per part of a path qtk pull writes: the file systems' NAME_MAX (255) less room for the
+# longest name qtk derives from a file name: ``<name>.lock.excl.released-<12 hex>`` (+32),
+# ``.<name>.json.<pid>-<8 hex>.tmp`` (+27), ``<name>.qtk-part.state.json.tmp`` (+24).
+PATH_PART_MAX = 200
+# Dot files the Hub keeps at the top of repos (it creates .gitattributes in every one), inert as plain
+# files; every other part starting with "." is tool state (.git, .cache/qtk, .cache/huggingface, .qtk ...).
+TOP_LEVEL_DOT_FILES = frozenset({".gitattributes", ".gitignore"})
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _OID_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -88,6 +102,41 @@ def is_repo_path(value: object) -> bool:
     return all(p not in ("", ".", "..") for p in parts) and not PurePosixPath(value).is_absolute()
 
 
+def pull_path_problem(value: object) -> str | None:
+    """Why a repo path from a server may not become a file that ``qtk pull`` writes, or None.
+
+    The rule, for ``--local-dir`` and the cache alike: :func:`is_repo_path` (relative, no empty, ``.``
+    or ``..`` part, no backslash, NUL or control character), valid UTF-8 (no lone surrogate), every
+    part at most :data:`PATH_PART_MAX` bytes, and no part that starts with ``.``, except the files of
+    :data:`TOP_LEVEL_DOT_FILES` at the top. A listing can therefore never reach ``.git/`` (a checkout's
+    config and hooks run commands), ``.cache/qtk`` or ``.cache/huggingface`` (qtk's and hf's own
+    records) or any other tool's state, wherever ``--local-dir`` points. ``qtk serve`` hides every
+    dot name from its listings: what one qtk serves, another pulls."""
+    if not is_repo_path(value):
+        return "it is empty or absolute, or has an empty, '.' or '..' part, a backslash or a control character"
+    assert isinstance(value, str)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    parts = value.split("/")
+    for part in parts:
+        size = len(part.encode("utf-8"))
+        if size > PATH_PART_MAX:
+            return (f"a part is {size} bytes long; qtk writes at most {PATH_PART_MAX} bytes per part (the file "
+                    "system's 255, less room for the suffixes of qtk's own records)")
+    for part in parts:
+        if part.startswith(".") and not (len(parts) == 1 and part in TOP_LEVEL_DOT_FILES):
+            return (f"{part!r} starts with '.': names like .git, .cache or .qtk hold the state of git and other "
+                    f"tools, which a download never writes (only {', '.join(sorted(TOP_LEVEL_DOT_FILES))} at the top)")
+    return None
+
+
+def is_pull_path(value: object) -> bool:
+    """A repo path ``qtk pull`` may write (:func:`pull_path_problem`)."""
+    return pull_path_problem(value) is None
+
+
 def _refuse(kind: str, value: object, why: str) -> errors.UnsafePathError:
     shown = value if isinstance(value, str) and len(value) <= 120 else f"{str(value)[:120]}..."
     return errors.UnsafePathError(
@@ -130,3 +179,38 @@ def check_repo_path(value: object) -> str:
         raise _refuse("remote file name", value, "it is empty, absolute, or contains '..', '.', '\\' or a "
                                                  "control character")
     return value  # type: ignore[return-value]
+
+
+def check_pull_path(value: object) -> str:
+    """``value`` if ``qtk pull`` may write it (:func:`pull_path_problem`), else UnsafePathError."""
+    if why := pull_path_problem(value):
+        err = _refuse("remote file name", value, why)
+        if "starts with '.'" in why:  # a real repo may carry such files: the rest can still be pulled
+            err.hint = ("Nothing was written. To pull the other files, leave it out with --exclude (e.g. "
+                        "--exclude '.*' --exclude '*/.*'); if you did not expect it, report it to the endpoint.")
+        raise err
+    return value  # type: ignore[return-value]
+
+
+def tree_conflict(paths) -> tuple[str, str] | None:
+    """Two of ``paths`` that cannot both be files: the same path twice, or a path that another one needs
+    as a directory (``a`` and ``a/b``, in either order); None if they can all be files at once."""
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            return path, path
+        seen.add(path)
+    for path in sorted(seen):
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if (parent := "/".join(parts[:i])) in seen:
+                return parent, path
+    return None
+
+
+def check_pull_tree(paths) -> None:
+    """Refuse repo paths that cannot all be files at once (:func:`tree_conflict`): UnsafePathError."""
+    if conflict := tree_conflict(paths):
+        a, b = conflict
+        why = "it is listed twice" if a == b else f"{a!r} is listed as a file, so it cannot also be a directory"
+        raise _refuse("remote file name", b, why)

@@ -26,26 +26,21 @@ Errors name the file, the line and the field (``models[0].recipes[1].group_size`
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import errors
+from ..hub.names import repo_id_problem
 from ..modelspec import CHECKPOINT_FILES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser, from PyPI (a declared dependency there)
-    import tomli as tomllib
+from ..tomlcheck import Array, Checker, dotted, read_toml
+from ..verify.gates import BY_NAME as GATE_BY_NAME
+from ..verify.gates import limit_problem
 
 __all__ = ["Manifest", "ModelSpec", "Recipe", "load_manifest", "ManifestError"]
 
 DEFAULT_INCLUDE = CHECKPOINT_FILES  # the one include list (qtk.modelspec)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HINT = "See the manifest format in README.md (section `qtk provision`) or scripts/provision-example.toml."
 
 
 class ManifestError(errors.UsageError):
@@ -56,18 +51,18 @@ class ManifestError(errors.UsageError):
 
 # field -> accepted python types (bool is not an int here)
 _QUANTIZE = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool, "calibration": str, "text_field": str,
-             "samples": int, "seq_len": int, "seed": int, "chat_template": bool, "allow_fewer": bool}
+             "samples": int, "seq_len": int, "seed": int, "chat_template": bool, "allow_fewer": bool,
+             "smooth": bool, "smooth_alpha": (int, float)}
 _VERIFY = {"text": str, "text_field": str, "ctx": int, "max_tokens": int, "smoke": bool, "max_new_tokens": int,
            "seed": int}
-_GATES = {"max_ppl_increase_pct": (int, float), "max_kld": (int, float), "min_top1_pct": (int, float),
-          "require_smoke": bool}
+_GATES = {**{name: (int, float) for name in GATE_BY_NAME}, "require_smoke": bool}  # one row per gate (qtk.verify.gates)
 _PUBLISH = {"org": str, "push_to_hub": bool, "hub_org": str, "hub_private": bool}
-_DEFAULTS = {"device": str, "include": list, "exclude": list, "quantize": dict, "verify": dict, "gates": dict,
-             "publish": dict}
-_MODEL = {"repo": str, "name": str, "revision": str, "include": list, "exclude": list, "recipes": list,
-          "verify": dict, "gates": dict, "publish": dict}
+_DEFAULTS = {"device": str, "include": Array(str), "exclude": Array(str), "quantize": dict, "verify": dict,
+             "gates": dict, "publish": dict}
+_MODEL = {"repo": str, "name": str, "revision": str, "include": Array(str), "exclude": Array(str),
+          "recipes": Array(dict), "verify": dict, "gates": dict, "publish": dict}
 _RECIPE = {"method": str, "name": str, "gates": dict, **_QUANTIZE}
-_TOP = {"store": str, "defaults": dict, "models": list}
+_TOP = {"store": str, "defaults": dict, "models": Array(dict)}
 
 
 @dataclass(frozen=True)
@@ -104,187 +99,114 @@ class Manifest:
     raw: dict = field(repr=False, default_factory=dict)
 
 
-class _Locator:
-    """Line numbers of tables and keys in a TOML text, addressed like the parsed data:
-    ("models", 1, "recipes", 0, "group_size"). Covers [table], [[array]] and key = value lines."""
-
-    _ARRAY = re.compile(r"^\[\[\s*([^\[\]]+?)\s*\]\]")
-    _TABLE = re.compile(r"^\[\s*([^\[\]]+?)\s*\]")
-    _KEY = re.compile(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=")
-
-    def __init__(self, text: str) -> None:
-        self.lines: dict[tuple, int] = {}
-        counters: dict[tuple, int] = {}
-        current: tuple = ()
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if m := self._ARRAY.match(line):
-                names = self._names(m.group(1))
-                key = self._resolve(names[:-1], counters) + (names[-1],)
-                counters[key] = counters.get(key, -1) + 1
-                current = key + (counters[key],)
-                self.lines.setdefault(key, lineno)
-                self.lines[current] = lineno
-            elif m := self._TABLE.match(line):
-                current = self._resolve(self._names(m.group(1)), counters)
-                self.lines[current] = lineno
-            elif m := self._KEY.match(line):
-                self.lines[current + self._names(m.group(1))] = lineno
-
-    @staticmethod
-    def _names(dotted: str) -> tuple:
-        return tuple(p.strip().strip("\"'") for p in dotted.split("."))
-
-    @staticmethod
-    def _resolve(names: tuple, counters: dict) -> tuple:
-        path: tuple = ()
-        for n in names:
-            path += (n,)
-            if path in counters:
-                path += (counters[path],)
-        return path
-
-    def line(self, path: tuple) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return None
+def _positive(c: Checker, d: dict, path: tuple, *keys: str) -> None:
+    for k in keys:
+        if k in d and d[k] <= 0 and not (k == "group_size" and d[k] == -1):
+            raise c.fail(path + (k,), f"must be positive (got {d[k]}).")
 
 
-def _dotted(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
-    return out
+def _gates(c: Checker, d: object, path: tuple) -> dict:
+    """A [gates] table: known gates only, each limit a finite number in its gate's range (qtk.verify.gates)."""
+    c.table(d, _GATES, path)
+    for k, v in d.items():
+        if k in GATE_BY_NAME and (why := limit_problem(GATE_BY_NAME[k], v)):
+            raise c.fail(path + (k,), why + ".", hint="A gate that is NaN, infinite or negative would pass or "
+                         "fail every model: give a finite number >= 0, or leave the gate out.")
+    return d
 
 
-class _Checker:
-    def __init__(self, file: Path, text: str) -> None:
-        self.file, self.loc = file, _Locator(text)
+def _published_id(c: Checker, org: str, name: str, rname: str, org_path: tuple, rp: tuple) -> str:
+    """``org/name-recipe``, by the one owner of repo-id rules (qtk.hub.names): what the mirror can serve."""
+    repo_id = f"{org}/{name}-{rname}"
+    why = repo_id_problem(repo_id, namespace=True)
+    if why:
+        blame = org_path if repo_id_problem(f"{org}/x", namespace=True) else rp + ("name",)
+        raise c.fail(blame, f"publishes {repo_id!r}, which is not a repo id the Hub or qtk serve accepts: {why}.",
+                     hint="Choose an org, model name and recipe name whose joined id is valid: ASCII letters, "
+                          "digits, '_', '-', '.', at most 96 characters per part, no '--' or '..', not ending "
+                          "in '.git' (qtk/hub/names.py).")
+    return repo_id
 
-    def fail(self, path: tuple, message: str, hint: str | None = None) -> ManifestError:
-        line = self.loc.line(path)
-        where = f"{self.file}:{line}" if line else str(self.file)
-        field_ = f" {_dotted(path)}:" if path else ""
-        return ManifestError(f"{where}:{field_} {message}", hint=hint or "See the manifest format in README.md "
-                             "(section `qtk provision`) or scripts/provision-example.toml.")
 
-    def table(self, value, schema: dict, path: tuple) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a table, got {type(value).__name__}.")
-        for key, v in value.items():
-            if key not in schema:
-                close = difflib.get_close_matches(key, list(schema), n=1)
-                raise self.fail(path + (key,), "unknown field" + (f"; did you mean {close[0]!r}?" if close else "."),
-                                hint=f"Fields allowed here: {', '.join(sorted(schema))}.")
-            want = schema[key]
-            types = want if isinstance(want, tuple) else (want,)
-            if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-                names = " or ".join({"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false",
-                                     "list": "an array", "dict": "a table"}[t.__name__] for t in types)
-                raise self.fail(path + (key,), f"expected {names}, got {type(v).__name__} {v!r}.")
-            if key in ("include", "exclude") and not all(isinstance(x, str) for x in v):
-                raise self.fail(path + (key,), "expected an array of strings.")
-        return value
+def _recipe(c: Checker, r: object, rp: tuple, d: dict, model_gates: dict, methods: tuple[str, ...]) -> Recipe:
+    from ..quantize.base import QuantizeOptions
+    from ..quantize.registry import get_method
 
-    def positive(self, d: dict, path: tuple, *keys: str) -> None:
-        for k in keys:
-            if k in d and d[k] <= 0 and not (k == "group_size" and d[k] == -1):
-                raise self.fail(path + (k,), f"must be positive (got {d[k]}).")
+    c.table(r, _RECIPE, rp, required=("method",))
+    if r["method"] not in methods:
+        raise c.fail(rp + ("method",), f"unknown method {r['method']!r}.", hint=f"Methods: {', '.join(sorted(methods))}.")
+    _gates(c, r.get("gates", {}), rp + ("gates",))
+    _positive(c, r, rp, "bits", "group_size", "samples", "seq_len")
+    # bits unset: the method's first width (fp8/w8a8: 8), as `qtk quantize` without --bits
+    params = {"bits": get_method(r["method"]).bits[0], **d.get("quantize", {}),
+              **{k: v for k, v in r.items() if k in _QUANTIZE}}
+    # the method's own allowed values (its class: bits, group sizes, calibration minimums), at load
+    for option, why in get_method(r["method"]).option_problems(QuantizeOptions(r["method"], **params)).items():
+        where = rp + (option,) if option in r else ("defaults", "quantize", option)
+        raise c.fail(where, why + ".", hint=f"`qtk quantize --help` lists the options; method {r['method']!r} "
+                                            "reads the ones its class supports.")
+    gates = {**d.get("gates", {}), **model_gates, **r.get("gates", {})}
+    return Recipe(r.get("name") or r["method"], r["method"], params, gates, dotted(rp))
 
-    def name(self, value: str, path: tuple) -> str:
-        if not _NAME_RE.match(value):
-            raise self.fail(path, f"{value!r} is not a valid repo name part (letters, digits, '.', '_', '-').")
-        return value
+
+def _model(c: Checker, m: object, mp: tuple, d: dict, methods: tuple[str, ...], artifacts: dict) -> ModelSpec:
+    c.table(m, _MODEL, mp, required=("repo",))
+    if why := repo_id_problem(m["repo"], namespace=True):
+        raise c.fail(mp + ("repo",), f"{m['repo']!r} is not a repo id (namespace/name): {why}.")
+    for sub, schema in (("verify", _VERIFY), ("publish", _PUBLISH)):
+        c.table(m.get(sub, {}), schema, mp + (sub,))
+    _gates(c, m.get("gates", {}), mp + ("gates",))
+    _positive(c, m.get("verify", {}), mp + ("verify",), "ctx", "max_tokens", "max_new_tokens")
+    name = m.get("name") or m["repo"].split("/")[1].lower()
+    publish = {**d.get("publish", {}), **m.get("publish", {})}
+    org_path = mp + ("publish", "org") if "org" in m.get("publish", {}) else ("defaults", "publish", "org")
+    if not m.get("recipes"):
+        raise c.fail(mp, "no [[models.recipes]]: nothing to quantize.")
+    recipes: list[Recipe] = []
+    for j, r in enumerate(m["recipes"]):
+        rp = mp + ("recipes", j)
+        recipe = _recipe(c, r, rp, d, m.get("gates", {}), methods)
+        repo_id = _published_id(c, publish.get("org", "qtk"), name, recipe.name, org_path, rp)
+        if repo_id in artifacts:
+            raise c.fail(rp + ("name",), f"publishes {repo_id}, as {artifacts[repo_id]} does already.",
+                         hint="Give one of the recipes a distinct `name` (e.g. \"gptq-g64\").")
+        artifacts[repo_id] = dotted(rp)
+        recipes.append(recipe)
+    return ModelSpec(
+        name=name, repo=m["repo"], revision=m.get("revision"),
+        include=tuple(m.get("include", d.get("include", DEFAULT_INCLUDE))),
+        exclude=tuple(m.get("exclude", d.get("exclude", ()))),
+        recipes=tuple(recipes), verify={**d.get("verify", {}), **m.get("verify", {})}, publish=publish,
+        where=dotted(mp),
+    )
 
 
 def load_manifest(path: str | Path, *, store: str | Path | None = None) -> Manifest:
     """Read and validate a manifest. ``store`` (or $QTK_STORE) overrides the manifest's store path."""
     from ..quantize.registry import method_names
 
-    METHODS = method_names()  # noqa: N806 - read when called: methods registered later are known
-
-    file = Path(path).expanduser()
-    try:
-        text = file.read_text()
-    except FileNotFoundError:
-        raise ManifestError(f"Manifest {file} not found.", hint="Pass the path of a TOML manifest, e.g. "
-                            "scripts/provision-example.toml.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"Cannot read manifest {file}: {exc}") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:  # the message carries "(at line L, column C)"
-        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        where = f"{file}:{m.group(1)}:{m.group(2)}" if m else str(file)
-        raise ManifestError(f"{where}: TOML syntax error: {str(exc).split(' (at line')[0]}.") from None
-    c = _Checker(file, text)
+    methods = method_names()  # read when called: methods registered later are known
+    raw, c = read_toml(path, what="Manifest", error=ManifestError, hint=_HINT,
+                       missing_hint="Pass the path of a TOML manifest, e.g. scripts/provision-example.toml.")
+    file = c.file
     c.table(raw, _TOP, ())
     d = c.table(raw.get("defaults", {}), _DEFAULTS, ("defaults",))
-    for sub, schema in (("quantize", _QUANTIZE), ("verify", _VERIFY), ("gates", _GATES), ("publish", _PUBLISH)):
+    for sub, schema in (("quantize", _QUANTIZE), ("verify", _VERIFY), ("publish", _PUBLISH)):
         c.table(d.get(sub, {}), schema, ("defaults", sub))
-    c.positive(d.get("quantize", {}), ("defaults", "quantize"), "bits", "group_size", "samples", "seq_len")
-    c.positive(d.get("verify", {}), ("defaults", "verify"), "ctx", "max_tokens", "max_new_tokens")
+    _gates(c, d.get("gates", {}), ("defaults", "gates"))
+    _positive(c, d.get("quantize", {}), ("defaults", "quantize"), "bits", "group_size", "samples", "seq_len")
+    _positive(c, d.get("verify", {}), ("defaults", "verify"), "ctx", "max_tokens", "max_new_tokens")
     device = d.get("device", "auto")
     if device not in ("auto", "cuda", "cpu"):
         raise c.fail(("defaults", "device"), f"must be auto, cuda or cpu (got {device!r}).")
-    org = d.get("publish", {}).get("org", "qtk")
-    c.name(org, ("defaults", "publish", "org"))
-    models_raw = raw.get("models")
-    if not models_raw:
+    if not raw.get("models"):
         raise c.fail(("models",), "no [[models]] entries: nothing to provision.")
-    models: list[ModelSpec] = []
     artifacts: dict[str, str] = {}
-    for i, m in enumerate(models_raw):
-        mp = ("models", i)
-        c.table(m, _MODEL, mp)
-        if "repo" not in m:
-            raise c.fail(mp, "missing required field 'repo' (namespace/name on the Hub).")
-        if not _REPO_RE.match(m["repo"]):
-            raise c.fail(mp + ("repo",), f"{m['repo']!r} is not a repo id (namespace/name).")
-        for sub, schema in (("verify", _VERIFY), ("gates", _GATES), ("publish", _PUBLISH)):
-            c.table(m.get(sub, {}), schema, mp + (sub,))
-        c.positive(m.get("verify", {}), mp + ("verify",), "ctx", "max_tokens", "max_new_tokens")
-        name = c.name(m.get("name") or m["repo"].split("/")[1].lower(), mp + ("name",))
-        publish = {**d.get("publish", {}), **m.get("publish", {})}
-        c.name(publish.get("org", "qtk"), mp + ("publish", "org"))
-        if not m.get("recipes"):
-            raise c.fail(mp, "no [[models.recipes]]: nothing to quantize.")
-        recipes: list[Recipe] = []
-        for j, r in enumerate(m["recipes"]):
-            rp = mp + ("recipes", j)
-            c.table(r, _RECIPE, rp)
-            if "method" not in r:
-                raise c.fail(rp, "missing required field 'method'.", hint=f"Methods: {', '.join(sorted(METHODS))}.")
-            if r["method"] not in METHODS:
-                raise c.fail(rp + ("method",), f"unknown method {r['method']!r}.",
-                             hint=f"Methods: {', '.join(sorted(METHODS))}.")
-            c.table(r.get("gates", {}), _GATES, rp + ("gates",))
-            c.positive(r, rp, "bits", "group_size", "samples", "seq_len")
-            params = {**d.get("quantize", {}), **{k: v for k, v in r.items() if k in _QUANTIZE}}
-            rname = c.name(r.get("name") or r["method"], rp + ("name",))
-            gates = {**d.get("gates", {}), **m.get("gates", {}), **r.get("gates", {})}
-            recipe = Recipe(rname, r["method"], params, gates, _dotted(rp))
-            repo_id = f"{publish.get('org', 'qtk')}/{name}-{rname}"
-            if repo_id in artifacts:
-                raise c.fail(rp + ("name",), f"publishes {repo_id}, as {artifacts[repo_id]} does already.",
-                             hint="Give one of the recipes a distinct `name` (e.g. \"gptq-g64\").")
-            artifacts[repo_id] = _dotted(rp)
-            recipes.append(recipe)
-        models.append(ModelSpec(
-            name=name, repo=m["repo"], revision=m.get("revision"),
-            include=tuple(m.get("include", d.get("include", DEFAULT_INCLUDE))),
-            exclude=tuple(m.get("exclude", d.get("exclude", ()))),
-            recipes=tuple(recipes), verify={**d.get("verify", {}), **m.get("verify", {})}, publish=publish,
-            where=_dotted(mp),
-        ))
+    models = tuple(_model(c, m, ("models", i), d, methods, artifacts) for i, m in enumerate(raw["models"]))
     store_path = store or os.environ.get("QTK_STORE") or raw.get("store")
     if not store_path:
         raise c.fail(("store",), "no store: set `store = \"DIR\"` in the manifest, --store, or QTK_STORE.")
     sp = Path(store_path).expanduser()
     if not sp.is_absolute() and not (store or os.environ.get("QTK_STORE")):
         sp = file.parent / sp  # a manifest's relative store path is relative to the manifest
-    return Manifest(file.absolute(), sp.absolute(), device, tuple(models), raw)
+    return Manifest(file.absolute(), sp.absolute(), device, models, raw)

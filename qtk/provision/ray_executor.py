@@ -10,8 +10,10 @@ summary.
   device is ``cuda``, or ``auto`` on a cluster with GPUs (the driver needs none), else one CPU slot; its
   verify task asks for the same, is submitted when the quantize task succeeded, and prefers the node
   that wrote the build when it has a free slot (soft node affinity that spills: elsewhere otherwise).
-  A task re-plans its model at the driver's pinned commit (metadata only), so its keys use its own
-  node's toolchain, and runs the local executor's code, under the same store locks (the artifact's,
+  A task re-plans its model at the driver's pinned commit (metadata only) and runs the local executor's
+  code; a quantize task keys the build with its own node's toolchain, and the verify task takes that
+  key (the quantize task's inputs) as it is, so a verify that spills to another kind of node (another
+  GPU compute capability) still finds the build; its verify key has its own node's toolchain. It runs under the same store locks (the artifact's,
   the build's, publishing's), with its own lease and event file. A task asks for ``--ray-task-cpus``
   cores (1 by default) and torch computes on exactly those (:func:`_use_assigned_cpus`).
 * Events reach the driver while tasks run: each task writes its own event file in the store (shared
@@ -75,12 +77,13 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
                   stage: str = "quantize", before=None) -> dict:
     """One stage of one artifact on a Ray worker, with the local executor's code: ``quantize``, or
     ``verify`` (verify, gate, publish the build the quantize task left under its key; ``before`` is the
-    quantize task's row). Its failures are recorded, not raised; its events go to its own file in the
+    quantize task's result: its row and the inputs its key hashes, which this task uses as they are). Its failures are recorded, not raised; its events go to its own file in the
     store, which the driver follows. The model's files come from the shared HF cache; what this node
     does not see there (a node-local cache) it pulls itself first (resumable, under qtk pull's locks:
     once per node)."""
     import ray
 
+    from .keys import StepInputs
     from .lease import host_id
     from .run import Provisioner
 
@@ -92,18 +95,23 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
     spec = next(s for s in manifest.models if s.name == model_name)
     recipe = next(r for r in spec.recipes if spec.artifact_repo(r) == repo_id)
     spec = replace(spec, revision=commit, recipes=(recipe,))  # the driver's commit, whatever main is now
+    if before is not None:  # the build's key is the quantize task's, whatever this node would compute
+        pinned = StepInputs.from_dict(before.get("quantize_inputs"))
+        if pinned is not None:
+            prov.pinned[repo_id] = pinned
     with contextlib.suppress(ImportError):  # a node without torch fails below with the usual message
         _use_assigned_cpus(ray)
     prov.store.init()
     prov.store.start_lease()
-    row = None
+    row = quantize_inputs = None
     try:
         mp = prov._plan_model(spec)
         prov._state(mp)
         r, row, inputs = mp.artifacts[0]
-        if before is not None:  # what the quantize task did (this task's own plan sees the build as done)
-            for step in ("pull", "quantize"):
-                row.steps[step], row.reasons[step] = before.steps[step], before.reasons.get(step)
+        quantize_inputs = inputs["quantize_inputs"].to_dict()
+        if before is not None and before.get("row") is not None:  # what the quantize task did (this task's
+            for step in ("pull", "quantize"):                     # own plan sees the build as done)
+                row.steps[step], row.reasons[step] = before["row"].steps[step], before["row"].reasons.get(step)
         if mp.pull_plan.missing:  # a node that does not see the driver's HF cache
             prov._pull(mp)
         prov._run_artifact(mp, r, row, inputs, stages=(stage,))
@@ -115,7 +123,8 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
         prov.emit("plan", "error", model=model_name, artifact=repo_id, error=error)
     finally:
         prov.store.lease.close()
-    return {"row": row, "error": error, "host": host_id(), "node_id": ray.get_runtime_context().get_node_id()}
+    return {"row": row, "error": error, "quantize_inputs": quantize_inputs, "host": host_id(),
+            "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def _resources(ray, manifest_device: str, driver_device: str, cpus: int = 1) -> dict:
@@ -204,7 +213,7 @@ def _run_on_ray(prov, plans: list) -> None:
                 row, stage, t0 = pending.pop(ref)
                 out = _collect(prov, ray, ref, row, t0)
                 if stage == "quantize" and not row.error:  # its verify task: the same resources
-                    submit(row, "verify", t0, before=out["row"], node_id=out.get("node_id"))
+                    submit(row, "verify", t0, before=out, node_id=out.get("node_id"))
                     continue
                 if (row.error or row.gate_failures) and not prov.opts.keep_going:
                     raise _Stop

@@ -144,6 +144,9 @@ class Provisioner:
         self.on_event, self.log, self.warn = on_event, log, warn
         self.summary = Summary(uuid.uuid4().hex[:12], self.store.root, opts.dry_run, opts.keep_going)
         self._digests: dict[tuple, str] = {}
+        # artifact repo id -> the quantize inputs another task built it from (a Ray verify task: the quantize
+        # task's): its key is used as it is, never recomputed from this node's device class or calibration
+        self.pinned: dict[str, StepInputs] = {}
         from ..devices import resolve_device
 
         try:
@@ -195,9 +198,12 @@ class Provisioner:
         # only what the method reads (the registry says): NF4 output does not depend on calibration options
         reads = {"method", *method_spec(recipe.method).reads}
         qparams = {k: v for k, v in q.to_dict().items() if k in reads}
-        cal = self._text_digest(q.calibration, q.text_field) if "calibration" in reads else None
-        tools = toolchain(getattr(method, "distribution", None), self.device)
-        qin = StepInputs(dict(source.get("files", ())), qparams, cal, tools)
+        tools = toolchain(getattr(method, "distribution", None), self.device)  # this node's: verify runs here
+        qin = self.pinned.get(spec.artifact_repo(recipe))
+        if qin is None:
+            cal = self._text_digest(q.calibration, q.text_field) if "calibration" in reads else None
+            qin = StepInputs(dict(source.get("files", ())), qparams, cal, tools)
+        cal = qin.calibration_sha256
         qkey = qin.key()
         v = VerifyOptions(**spec.verify, device=self.m.device)
         vparams = {k: getattr(v, k) for k in ("text", "text_field", "ctx", "max_tokens", "smoke", "max_new_tokens",
@@ -429,9 +435,8 @@ class Provisioner:
             raise errors.ProvisionFailedError(
                 f"{row.repo_id}: no finished build under quantize key {inputs['keys']['quantize']} on this node "
                 f"({self.store.builds}).",
-                hint="The verify task's node computes another key than the quantize task's (a different toolchain "
-                     "or device class: see the quantize reason) or does not see the store: give every node the same "
-                     "versions and the same shared store path.")
+                hint="The verify task takes the quantize task's key, so this node does not see the build: give "
+                     "every node the same shared store path.")
         return build
 
     def _note_inputs(self, row: ArtifactRow, inputs: dict) -> None:

@@ -99,12 +99,29 @@ class Method(ABC):
         them, and records the set in provenance, only then."""
         return self.needs_calibration
 
+    def option_problems(self, options: QuantizeOptions) -> dict[str, str]:
+        """What this method refuses in ``options`` whatever the model: option -> why (empty: nothing). The
+        allowed values are this class's (``bits``, ``uses_group_size``, ``needs_calibration``); read by
+        :meth:`validate` and by ``qtk provision`` when it loads a manifest (a recipe fails at load, not after
+        the downloads)."""
+        from .calibration import MIN_SEQ_LEN
+        from .source import group_size_problem
+
+        out = {}
+        if options.bits not in self.bits:
+            out["bits"] = f"{self.name} supports {' or '.join(map(str, self.bits))} bits, not {options.bits}"
+        if self.uses_group_size and (why := group_size_problem(options.group_size)):
+            out["group_size"] = why
+        if self.needs_calibration and options.samples < 1:
+            out["samples"] = f"must be at least 1 (got {options.samples})"
+        if self.needs_calibration and options.seq_len < MIN_SEQ_LEN:
+            out["seq_len"] = f"must be at least {MIN_SEQ_LEN} tokens (got {options.seq_len})"
+        return out
+
     def validate(self, model: SourceModel, options: QuantizeOptions, device: str) -> None:
         """Refuse early what the method cannot do. Subclasses extend it."""
-        if options.bits not in self.bits:
-            raise errors.UnsupportedConfigError(
-                f"{self.name} supports --bits {'/'.join(map(str, self.bits))}, not {options.bits}."
-            )
+        for option, why in self.option_problems(options).items():
+            raise errors.UnsupportedConfigError(f"--{option.replace('_', '-')}: {why}.")
         if device not in self.devices:
             raise errors.UnsupportedConfigError(f"{self.name} does not run on {device}.")
         if self.uses_group_size:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from .. import errors
 from ..texts import TextSet, list_sets, load_texts
 
-__all__ = ["CalibrationSet", "Samples", "list_sets", "load_calibration", "build_samples"]
+__all__ = ["CalibrationSet", "Samples", "list_sets", "load_calibration", "build_samples", "MIN_SEQ_LEN"]
+
+MIN_SEQ_LEN = 8  # tokens per calibration sample, at least
 
 # the calibration-side names of the shared text loader (qtk.texts)
 CalibrationSet = TextSet
@@ -49,8 +51,8 @@ def build_samples(
     """Shuffle the documents with ``seed``, render chats (through the model's chat template when
     ``chat_template``), tokenize into one stream with EOS between documents, and cut ``samples``
     windows of ``seq_len`` tokens."""
-    if samples < 1 or seq_len < 8:
-        raise errors.UsageError(f"Need --samples >= 1 and --seq-len >= 8 (got {samples}, {seq_len}).")
+    if samples < 1 or seq_len < MIN_SEQ_LEN:
+        raise errors.UsageError(f"Need --samples >= 1 and --seq-len >= {MIN_SEQ_LEN} (got {samples}, {seq_len}).")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use_template = has_template if chat_template is None else chat_template
     if use_template and not has_template:

@@ -16,7 +16,7 @@ from ..hfload import read_config
 from ..modelspec import resolve_spec
 from ..settings import Settings
 
-__all__ = ["SourceModel", "resolve_model", "safetensors_header", "check_group_size", "file_sha256"]
+__all__ = ["SourceModel", "resolve_model", "safetensors_header", "check_group_size", "group_size_problem", "file_sha256"]
 
 _FLOAT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _NOT_QUANTIZED = ("embed", "lm_head", "norm", "rotary")
@@ -134,13 +134,23 @@ def resolve_model(spec: str, *, revision: str | None = None, settings: Settings 
     return SourceModel(path, repo_id, commit, config, tuple(files), tensors)
 
 
+def group_size_problem(group_size: int) -> str | None:
+    """The rule that does not depend on the model (read by the manifest at load, and by the check below):
+    a power of two, or -1 (one group per row); 0 is GPTQModel's "no groups"."""
+    if group_size in (-1, 0):
+        return None
+    if group_size < 0 or group_size & (group_size - 1):
+        return f"must be a power of two or -1 (got {group_size})"
+    return None
+
+
 def check_group_size(model: SourceModel, group_size: int) -> None:
     """Every quantized layer's input width must be a multiple of the group size; otherwise the
     checkpoint saves fine and only fails at reload ("K to be divisible by qGroupSize")."""
+    if why := group_size_problem(group_size):
+        raise errors.UnsupportedConfigError(f"--group-size {why}.")
     if group_size in (-1, 0):
         return
-    if group_size < 0 or group_size & (group_size - 1):
-        raise errors.UnsupportedConfigError(f"--group-size must be a power of two or -1 (got {group_size}).")
     linears = model.quantizable_linears()
     for name, (_, k) in sorted(linears.items()):
         if k % group_size:

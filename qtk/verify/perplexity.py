@@ -77,9 +77,20 @@ class PerplexityResult:
 
 
 def summarize(nlls: list[np.ndarray], tokens_in_text: int) -> PerplexityResult:
+    """Perplexity = exp(mean NLL). A model whose logits overflowed (fp16) gives a NaN or infinite NLL, and
+    a mean NLL above ~709 overflows exp(): the perplexity is then NaN or infinity, never an exception, and
+    the gates fail it (:mod:`qtk.verify.gates`)."""
     allv = np.concatenate(nlls) if nlls else np.zeros(0)
     n = len(allv)
-    mean = float(allv.mean()) if n else float("nan")
-    sd = float(allv.std(ddof=1)) if n > 1 else 0.0
-    ppl = math.exp(mean)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the variance: NaN, as it should be
+        mean = float(allv.mean()) if n else float("nan")
+        sd = float(allv.std(ddof=1)) if n > 1 else 0.0
+    ppl = _exp(mean)
     return PerplexityResult(ppl, ppl * sd / math.sqrt(n) if n else float("nan"), mean, n, len(nlls), tokens_in_text)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

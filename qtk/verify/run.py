@@ -7,12 +7,14 @@ whole-vocab logits per model is alive at a time.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from dataclasses import dataclass, field
 
 from .. import __version__, errors
 from .._stdio import stdout_to_stderr
+from .gates import Gates, check_gates, gate_error
 from .kl import KLAccumulator
 from .models import Model, _rss_bytes, open_model
 from .perplexity import summarize, token_nll, windows
@@ -20,7 +22,7 @@ from .report import short_name
 from .smoke import run_smoke
 from ..texts import joined_text as load_text  # the one text loader (qtk.texts)
 
-__all__ = ["VerifyOptions", "Gates", "verify", "check_gates", "load_text"]
+__all__ = ["VerifyOptions", "Gates", "verify", "check_gates", "gate_error", "load_text"]  # gates: qtk.verify.gates
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,6 @@ class VerifyOptions:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
-
-
-@dataclass(frozen=True)
-class Gates:
-    max_ppl_increase_pct: float | None = None
-    max_kld: float | None = None
-    min_top1_pct: float | None = None
-    require_smoke: bool = False
 
 
 @dataclass
@@ -187,8 +181,8 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
             torch.cuda.reset_peak_memory_stats()
         reports.append(rep)
     ref_ppl = reports[0].perplexity["ppl"]
-    for rep in reports[1:]:
-        rep.ppl_increase_pct = (rep.perplexity["ppl"] / ref_ppl - 1) * 100
+    for rep in reports[1:]:  # a reference without a finite perplexity measures nothing: NaN, which fails the gate
+        rep.ppl_increase_pct = (rep.perplexity["ppl"] / ref_ppl - 1) * 100 if math.isfinite(ref_ppl) else math.nan
     return {
         "qtk_version": __version__,
         "protocol": {"ctx": opts.ctx, "scored": "second half of each window", "max_tokens": opts.max_tokens,
@@ -251,32 +245,3 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def check_gates(report: dict, gates: Gates) -> list[str]:
-    """Annotate each candidate with its failed gates; return all failures ('model: gate ...')."""
-    models = report["models"]
-    failures = []
-    for m in models[1:]:
-        f = m["gate_failures"]
-        inc = m["ppl_increase_pct"]
-        if gates.max_ppl_increase_pct is not None and inc > gates.max_ppl_increase_pct:
-            f.append(f"perplexity +{inc:.1f}% > {gates.max_ppl_increase_pct}%")
-        kl = m.get("kl")
-        if gates.max_kld is not None and (kl is None or kl["mean"] > gates.max_kld):
-            f.append(f"mean KLD {kl['mean']:.4f} > {gates.max_kld}" if kl else "KLD not measurable (vocabularies differ)")
-        if gates.min_top1_pct is not None and (kl is None or kl["top1_agreement"] * 100 < gates.min_top1_pct):
-            f.append(f"top-1 agreement {kl['top1_agreement'] * 100:.1f}% < {gates.min_top1_pct}%" if kl
-                     else "top-1 not measurable")
-        if gates.require_smoke and (not m["smoke"] or not all(s["ok"] for s in m["smoke"])):
-            bad = [s["name"] for s in m["smoke"] if not s["ok"]] or ["(smoke not run)"]
-            f.append(f"smoke failed: {', '.join(bad)}")
-        failures += [f"{m['name']}: {x}" for x in f]
-    return failures
-
-
-def gate_error(failures: list[str]) -> errors.GateFailedError:
-    return errors.GateFailedError(
-        f"{len(failures)} quality gate(s) failed:\n  " + "\n  ".join(failures),
-        hint="Loosen the gate, or try another method / group size / calibration set.",
-    )

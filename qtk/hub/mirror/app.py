@@ -39,7 +39,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ... import __version__, errors
-from ..names import is_repo_id
+from ...tomlcheck import Array, read_toml
+from ..names import repo_id_problem
 from .hashindex import file_key
 from .request import MAX_BODY, MirrorRequest, Rejected, parse_paths_body, parse_target, safe_header
 from .server import PooledHTTPServer, PooledRequestHandler
@@ -101,11 +102,11 @@ class MirrorAuth:
         return RepoPolicy(any(p.private for p in hits), any(p.gated for p in hits), allow)
 
 
-def _check_policy_key(path, key: str) -> None:
-    rid = key[len("datasets/"):] if key.lower().startswith("datasets/") else key
-    if rid.count("/") != 1 or not is_repo_id(rid):
-        raise errors.UsageError(f"{path}: [repos.{key!r}] is not a repo id ('ns/name' or 'datasets/ns/name').",
-                                hint="Fix the key: a rule that names no repo would leave the repo it meant public.")
+_ACCESS_TOP = {"require_token": bool, "users": Array(dict), "repos": dict}
+_ACCESS_USER = {"name": str, "token": str, "token_sha256": str, "role": str, "orgs": Array(str), "fullname": str}
+_ACCESS_REPO = {"private": bool, "gated": bool, "allow": Array(str)}
+_ROLES = ("read", "write", "fineGrained")  # the token roles the Hub's whoami reports
+_ACCESS_HINT = "Fix the access file (format: README.md, `qtk serve`): the mirror does not start with a rule it cannot read."
 
 
 def load_auth(path: str | Path) -> MirrorAuth:
@@ -127,34 +128,43 @@ def load_auth(path: str | Path) -> MirrorAuth:
         private = true
         allow = ["acme"]
 
-    Repo keys are case-insensitive; two keys that differ only in case are refused.
-    """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise errors.UsageError(f"Access file {path} not found.") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise errors.UsageError(f"Access file {path} is not valid TOML: {exc}") from exc
-    auth = MirrorAuth(require_token=bool(data.get("require_token", False)), source=Path(path))
+    Fails closed: read with the manifests' checker (:mod:`qtk.tomlcheck`: size and nesting bounded), an
+    unknown key (``privat``), a value of the wrong type (``allow = "acme"``), a repo key that names no repo,
+    two keys for one repo (repo keys are case-insensitive), two users with one token, and ``require_token``
+    without any user (no token could pass) are refused with the file, line and field: the server does not
+    start."""
+    data, c = read_toml(path, what="Access file", hint=_ACCESS_HINT)
+    c.table(data, _ACCESS_TOP, ())
+    auth = MirrorAuth(require_token=data.get("require_token", False), source=Path(path))
     for i, u in enumerate(data.get("users", [])):
-        if "name" not in u or not ("token" in u or "token_sha256" in u):
-            raise errors.UsageError(f"{path}: users[{i}] needs 'name' and 'token' or 'token_sha256'.")
-        user = MirrorUser(u["name"], u.get("role", "read"), tuple(u.get("orgs", ())), u.get("fullname"))
-        digest = u.get("token_sha256") or hashlib.sha256(u["token"].encode()).hexdigest()
-        auth.users[digest.lower()] = user
+        up = ("users", i)
+        c.table(u, _ACCESS_USER, up, required=("name",))
+        if not u["name"] or ("token" in u) == ("token_sha256" in u):
+            raise c.fail(up, "needs a non-empty 'name' and one of 'token' or 'token_sha256'.")
+        if u.get("role", "read") not in _ROLES:
+            raise c.fail(up + ("role",), f"must be one of {', '.join(_ROLES)} (got {u['role']!r}).")
+        digest = u["token_sha256"].lower() if "token_sha256" in u else hashlib.sha256(u["token"].encode()).hexdigest()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise c.fail(up + ("token_sha256",), "must be the 64 hex digits of the token's sha256.")
+        if digest in auth.users:
+            raise c.fail(up, f"has the same token as user {auth.users[digest].name!r}.", hint="Give each user a token.")
+        auth.users[digest] = MirrorUser(u["name"], u.get("role", "read"), tuple(u.get("orgs", ())), u.get("fullname"))
+    if auth.require_token and not auth.users:
+        raise c.fail(("require_token",), "is true but the file has no [[users]]: no token could ever be accepted.",
+                     hint="Add [[users]] with tokens, or remove require_token.")
     seen: dict[str, str] = {}
-    for key, r in (data.get("repos") or {}).items():
-        _check_policy_key(path, key)
+    for key, r in data.get("repos", {}).items():
+        rp = ("repos", key)
+        rid = key[len("datasets/"):] if key.lower().startswith("datasets/") else key
+        if why := repo_id_problem(rid, namespace=True):
+            raise c.fail(rp, f"{key!r} is not a repo id ('ns/name' or 'datasets/ns/name'): {why}.",
+                         hint="Fix the key: a rule that names no repo would leave the repo it meant public.")
         if key.lower() in seen:
-            raise errors.UsageError(f"{path}: [repos.{key!r}] and [repos.{seen[key.lower()]!r}] name the same repo "
-                                    "(repo ids are case-insensitive).", hint="Merge the two rules into one.")
+            raise c.fail(rp, f"[repos.{key!r}] and [repos.{seen[key.lower()]!r}] name the same repo "
+                         "(repo ids are case-insensitive).", hint="Merge the two rules into one.")
         seen[key.lower()] = key
-        auth.repos[key] = RepoPolicy(bool(r.get("private")), bool(r.get("gated")), frozenset(r.get("allow", ())))
+        c.table(r, _ACCESS_REPO, rp)
+        auth.repos[key] = RepoPolicy(r.get("private", False), r.get("gated", False), frozenset(r.get("allow", ())))
     return auth
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..names import REPO_PATH_MAX, is_commit_sha, is_ref_name, is_repo_id, is_repo_path
+from ..names import REPO_PATH_MAX, RESERVED_NAMESPACES, is_commit_sha, is_ref_name, is_repo_id, is_repo_path
 from .hashindex import FileKey, HashIndex, file_key
 
 __all__ = ["MirrorStore", "RepoEntry", "RepoRevision", "StoredFile", "LFS_MIN_SIZE", "git_blob_sha1",
@@ -58,7 +58,6 @@ _LFS_SUFFIXES = {
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-+=,@~][A-Za-z0-9_.\-+=,@~ ]*")  # no check beyond this needed
-RESERVED_NAMESPACES = {"api", "datasets", "models", "spaces"}  # route words on the Hub, never model namespaces
 PROVISION_DIR = ".qtk-provision"
 BACKGROUND_REVALIDATE = 2000  # listings watching more paths than this are re-stat'ed off the request path
 
@@ -195,7 +194,7 @@ class MirrorStore:
             if name == "datasets":
                 for ns in _scandir(e.path):
                     found += self._plain_repos("dataset", ns)
-            elif name not in RESERVED_NAMESPACES:
+            elif name.lower() not in RESERVED_NAMESPACES:  # namespaces are case-insensitive (qtk.hub.names)
                 found += self._plain_repos("model", e)
         catalog: dict[tuple[str, str], RepoEntry | None] = {}
         for entry in found:
