@@ -7,11 +7,14 @@ unsafe names) live here, not in the product CLI. The benchmark imports this modu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from qtk.hub.mirror.app import MirrorAuth, MirrorHandler, MirrorServer, MirrorUser, RepoPolicy
 from qtk.hub.mirror.store import MirrorStore, StoredFile, git_blob_sha1, is_lfs_name
@@ -157,4 +160,106 @@ class CdnHandler(FaultyHandler):
 def start_server(root: Path, **kw) -> FaultyServer:
     srv = FaultyServer(("127.0.0.1", 0), MirrorStore(root), **kw)
     srv.serve_in_thread()
+    return srv
+
+
+# ------------------------------------------------------------------ a server that lists whatever a test says
+
+
+class ListingServer(ThreadingHTTPServer):
+    """A Hub stand-in whose tree listing is exactly ``files`` (hostile names included: ``.git/config``,
+    ``a`` and ``a/b``, 300-byte parts...), and which serves each listed file's bytes by its listed path
+    (HEAD and GET with ``Range``), so a pull that accepts a name really writes it. The mirror cannot
+    play this part: it refuses such names itself.
+
+        srv = start_listing_server()
+        srv.files = {"config.json": b"{}", ".git/config": b"[core]..."}   # path -> bytes (git sha1 oids)
+        srv.lfs = {"model.bin"}                                           # listed as LFS (sha256 oids)
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    commit = "c0ffee" + "0" * 34
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.lfs: set[str] = set()
+        self.requests: list[tuple[str, str]] = []  # (method, decoded path)
+        super().__init__(("127.0.0.1", 0), ListingHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def entry(self, path: str) -> dict:
+        data = self.files[path]
+        e = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+        if path in self.lfs:
+            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}
+        return e
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+class ListingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ListingServer
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:
+        self._handle(head=False)
+
+    def do_HEAD(self) -> None:
+        self._handle(head=True)
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None, head: bool = False) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _handle(self, head: bool) -> None:
+        srv = self.server
+        url = urlsplit(self.path)
+        segs = url.path.split("/")
+        srv.requests.append((self.command, unquote(url.path)))
+        if segs[1:3] == ["api", "models"] and "tree" in segs:
+            listing = [srv.entry(p) for p in srv.files]
+            return self._send(200, json.dumps(listing).encode(), {"Content-Type": "application/json"}, head)
+        if segs[1:3] == ["api", "models"]:
+            info = {"id": "/".join(segs[3:5]), "sha": srv.commit, "private": False}
+            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+        if len(segs) > 5 and segs[3] == "resolve":
+            path = "/".join(unquote(s, errors="surrogateescape") for s in segs[5:])
+            if path in srv.files:
+                return self._send_file(path, head)
+        self._send(404, b"{}", {"X-Error-Code": "EntryNotFound", "X-Error-Message": "no such file"}, head)
+
+    def _send_file(self, path: str, head: bool) -> None:
+        data, e = self.server.files[path], self.server.entry(path)
+        headers = {"X-Repo-Commit": self.server.commit, "ETag": f'"{e["oid"]}"', "Accept-Ranges": "bytes"}
+        if "lfs" in e:
+            headers |= {"X-Linked-Etag": f'"{e["lfs"]["oid"]}"', "X-Linked-Size": str(len(data))}
+        rng = self.headers.get("Range", "")
+        if rng.startswith("bytes=") and not head:
+            first, _, last = rng[6:].partition("-")
+            start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            return self._send(206, data[start:end + 1], headers)
+        self._send(200, data, headers, head)
+
+
+def start_listing_server() -> ListingServer:
+    srv = ListingServer()
+    threading.Thread(target=srv.serve_forever, name="qtk-test-listing", daemon=True).start()
     return srv

@@ -10,7 +10,14 @@ Cache layout (the one huggingface_hub, transformers and vLLM read, offline inclu
     $HF_HUB_CACHE/.locks/models--ns--name/  lock files
 
 Every name that becomes a path is validated first (:mod:`qtk.hub.names`): oids are 40/64 hex,
-commits 40 hex, refs follow git's rules, file paths stay inside the snapshot.
+commits 40 hex, refs follow git's rules, file paths stay inside the snapshot and never name a dot
+directory (:func:`~qtk.hub.names.check_pull_path`).
+
+Nothing is written through a symbolic link below the snapshot folder or the ``--local-dir``: the plan
+refuses a listing whose files would land under an existing link (or under a file, or on a directory)
+(:meth:`CacheTarget.check_layout`), and placing walks from that root one directory at a time with
+``O_NOFOLLOW`` (``openat``), so a link that appears after the plan is refused too, never followed.
+The root itself may be a link (the user chose it).
 
 Presence means "a blob qtk verified", never "a file of the right size": after an OS crash a
 full-size blob may hold zeros. A blob counts as present when its ``.qtk/verified/<oid>`` record
@@ -36,7 +43,9 @@ from pathlib import Path
 
 from .. import errors
 from ._fetch import new_hasher
-from .names import check_commit_sha, check_oid, check_repo_path, is_commit_sha, is_oid
+from .names import (
+    check_commit_sha, check_oid, check_pull_path, check_pull_tree, is_commit_sha, is_oid, is_pull_path, tree_conflict,
+)
 
 __all__ = [
     "RemoteFile", "CacheTarget", "LocalDirTarget", "repo_folder_name", "is_commit_sha", "digest_file",
@@ -44,6 +53,12 @@ __all__ = [
 ]
 
 PART_SUFFIX = ".qtk-part"
+LOCK_SUFFIX = ".lock"  # --local-dir only; the cache's locks are named by oid
+META_SUFFIX = ".json"
+# every name qtk derives from a file's path in --local-dir/.cache/qtk/download (the lock module may add
+# ".excl..." to a lock's name: derived from the lock's own name, so unique when the lock's is)
+BOOKKEEPING_SUFFIXES = (META_SUFFIX, PART_SUFFIX, PART_SUFFIX + ".state.json", PART_SUFFIX + ".state.json.tmp",
+                        LOCK_SUFFIX)
 MARKER_DIR = Path(".qtk") / "verified"
 PRESENT, MISSING, DAMAGED = "present", "missing", "damaged"
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -101,16 +116,119 @@ def _unique() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _relative_symlink(target: Path, link: Path) -> None:
-    """Create (or atomically replace) ``link`` -> ``target`` as a relative symlink; writes nothing if it is right."""
-    rel = os.path.relpath(target, link.parent)
-    with contextlib.suppress(OSError):
-        if os.readlink(link) == rel:
+def _through_link(base: Path, where: str, exc: OSError | None = None) -> errors.UnsafePathError:
+    return errors.UnsafePathError(
+        f"Refusing to write {where} under {base}: a part of that path is a symbolic link or not a directory "
+        f"({exc.strerror if exc else 'it changed after the plan'}); qtk never writes through links there.",
+        hint=f"Nothing was written there. Replace the link with a real directory (or remove the file in the way), "
+        "or point --local-dir at the link's target.",
+    )
+
+
+@contextlib.contextmanager
+def _parent_dir(base: Path, rel: str):
+    """An fd of the directory that holds ``base/rel``, reached from ``base`` one part at a time with
+    ``O_NOFOLLOW`` (missing directories are created), and the last part: nothing below ``base`` is
+    followed if it is a symbolic link, however it got there (:class:`~qtk.errors.UnsafePathError`)."""
+    parts = rel.split("/")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    Path(base).mkdir(parents=True, exist_ok=True)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _through_link(base, rel, exc) from None
+        raise
+    try:
+        yield fd, parts[-1]
+    finally:
+        os.close(fd)
+
+
+def _relative_symlink(target: Path, base: Path, rel: str) -> None:
+    """Create (or atomically replace) ``base/rel`` -> ``target`` as a relative symlink, without following a
+    link below ``base``; writes nothing if it is right."""
+    link = base / rel
+    want = os.path.relpath(target, link.parent)
+    with _parent_dir(base, rel) as (fd, name):
+        with contextlib.suppress(OSError):
+            if os.readlink(name, dir_fd=fd) == want:
+                return
+        tmp = f".{name}.{_unique()}.tmp-link"
+        os.symlink(want, tmp, dir_fd=fd)
+        try:
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+
+
+def _write_atomic_under(base: Path, rel: str, text: str) -> None:
+    """:func:`_write_atomic` for ``base/rel``, reached without following a link below ``base``."""
+    with _parent_dir(base, rel) as (fd, name):
+        tmp = f".{name}.{_unique()}.tmp"
+        wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=fd)
+        try:
+            with open(wfd, "w", closefd=True) as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+
+
+def check_placement(base: Path, rel: str, seen: dict[Path, bool]) -> None:
+    """Refuse (UnsafePathError, before anything is written) a file ``rel`` whose place below ``base`` is
+    blocked: a directory on the way that is a symbolic link or a file, or the place itself a directory.
+    ``seen`` remembers the directories already checked (one ``lstat`` per directory per plan)."""
+    parts = rel.split("/")
+    d = Path(base)
+    for part in parts[:-1]:
+        d = d / part
+        if d in seen:
+            if not seen[d]:
+                return  # does not exist: nothing below it does
+            continue
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            seen[d] = False
             return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{_unique()}.tmp-link")
-    os.symlink(rel, tmp)
-    os.replace(tmp, link)
+        if stat.S_ISLNK(st.st_mode):
+            raise errors.UnsafePathError(
+                f"Refusing to write {rel!r}: {d} is a symbolic link (to {os.readlink(d)!r}), and qtk never writes "
+                f"through links below {base}.",
+                hint="Nothing was written. Replace the link with a real directory, or point --local-dir at its "
+                "target.",
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise errors.UnsafePathError(
+                f"Refusing to write {rel!r}: {d} is a file, not a directory.",
+                hint="Nothing was written. Move that file away (it is not part of this revision's layout).",
+            )
+        seen[d] = True
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if stat.S_ISDIR(os.lstat(d / parts[-1]).st_mode):
+            raise errors.UnsafePathError(
+                f"Refusing to write {rel!r}: {d / parts[-1]} is a directory.",
+                hint="Nothing was written. Move that directory away (it is not part of this revision's layout).",
+            )
 
 
 def _write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
@@ -159,10 +277,18 @@ class CacheTarget:
         return self.repo_dir / MARKER_DIR / check_oid(oid)
 
     def visible_path(self, commit: str, f: RemoteFile) -> Path:
-        return self.root(commit) / check_repo_path(f.path)
+        return self.root(commit) / check_pull_path(f.path)
 
     def root(self, commit: str) -> Path:
         return self.repo_dir / "snapshots" / check_commit_sha(commit)
+
+    def check_layout(self, commit: str, files: list[RemoteFile]) -> None:
+        """Before anything is written: the paths can all be files at once, and none lands under a link,
+        under a file or on a directory in the snapshot folder (UnsafePathError, exit 21)."""
+        check_pull_tree(check_pull_path(f.path) for f in files)
+        seen: dict[Path, bool] = {}
+        for f in files:
+            check_placement(self.root(commit), f.path, seen)
 
     def part_path(self, f: RemoteFile) -> Path:
         return self.repo_dir / "blobs" / (check_oid(f.oid) + PART_SUFFIX)
@@ -237,12 +363,12 @@ class CacheTarget:
         fsync_dir(blob.parent)
         self._mark(f, os.stat(blob), adopted=False)
         for g in files:
-            _relative_symlink(blob, self.visible_path(commit, g))
+            _relative_symlink(blob, self.root(commit), check_pull_path(g.path))
 
     def finalize(self, revision: str | None, commit: str, files: list[RemoteFile]) -> None:
         """Snapshot links and ``refs/<revision>``; writes only what differs (read-only caches stay untouched)."""
         for f in files:
-            _relative_symlink(self.blob_path(f), self.visible_path(commit, f))
+            _relative_symlink(self.blob_path(f), self.root(commit), check_pull_path(f.path))
         ref = revision or "main"
         if not is_commit_sha(ref):  # as huggingface_hub: names get a ref, shas do not
             path = self.repo_dir / "refs" / ref
@@ -276,7 +402,7 @@ class CacheTarget:
                 continue
             target = os.path.normpath(os.path.join(p.parent, os.readlink(p)))
             oid = os.path.basename(target)
-            if os.path.dirname(target) != blobs or not is_oid(oid):
+            if os.path.dirname(target) != blobs or not is_oid(oid) or not is_pull_path(p.relative_to(snap).as_posix()):
                 continue
             try:
                 size = p.stat().st_size
@@ -297,19 +423,47 @@ class LocalDirTarget:
         self.locks_dir = self.meta_dir
 
     def visible_path(self, commit: str, f: RemoteFile) -> Path:
-        return self.local_dir / check_repo_path(f.path)
+        return self.local_dir / check_pull_path(f.path)
 
     def root(self, commit: str) -> Path:
         return self.local_dir
 
     def part_path(self, f: RemoteFile) -> Path:
-        return self.meta_dir / (check_repo_path(f.path) + PART_SUFFIX)
+        return self.meta_dir / (check_pull_path(f.path) + PART_SUFFIX)
 
     def lock_path(self, f: RemoteFile) -> Path:
-        return self.meta_dir / (check_repo_path(f.path) + ".lock")
+        return self.meta_dir / (check_pull_path(f.path) + LOCK_SUFFIX)
 
     def _meta_path(self, f: RemoteFile) -> Path:
-        return self.meta_dir / (check_repo_path(f.path) + ".json")
+        return self.meta_dir / self._meta_rel(f)
+
+    @staticmethod
+    def _meta_rel(f: RemoteFile) -> str:
+        return check_pull_path(f.path) + META_SUFFIX
+
+    def check_layout(self, commit: str, files: list[RemoteFile]) -> None:
+        """Before anything is written: the paths can all be files at once, their records in
+        ``.cache/qtk/download`` do not share a name (``a`` and ``a.qtk-part.state`` would), and nothing
+        lands under a link, under a file or on a directory below ``--local-dir`` (UnsafePathError, exit 21)."""
+        paths = [check_pull_path(f.path) for f in files]
+        check_pull_tree(paths)
+        owners: dict[str, list[str]] = {}
+        for path in paths:
+            for suffix in BOOKKEEPING_SUFFIXES:
+                owners.setdefault(path + suffix, []).append(path)
+        if conflict := tree_conflict(name for name, who in owners.items() for _ in who):
+            a, b = conflict
+            first, second = (owners[a] + [w for w in owners[b] if w not in owners[a]])[:2]
+            raise errors.UnsafePathError(
+                f"Refusing the remote file names {first!r} and {second!r}: qtk's records of the two in "
+                f"{self.meta_dir} would collide ({a!r} and {b!r}).",
+                hint="Nothing was written. Pull them one at a time (--exclude), or into the cache.",
+            )
+        seen: dict[Path, bool] = {}
+        meta_rel = self.meta_dir.relative_to(self.local_dir).as_posix()
+        for path in paths:
+            check_placement(self.local_dir, path, seen)
+            check_placement(self.local_dir, f"{meta_rel}/{path}{META_SUFFIX}", seen)
 
     def status(self, commit: str, f: RemoteFile, *, verify: bool = False) -> str:
         final = self.visible_path(commit, f)
@@ -340,18 +494,22 @@ class LocalDirTarget:
         return self.status(commit, f, verify=verify) == PRESENT
 
     def _write_meta(self, commit: str, f: RemoteFile) -> None:
-        st = self.visible_path(commit, f).stat()
-        _write_atomic(
-            self._meta_path(f),
+        with _parent_dir(self.local_dir, check_pull_path(f.path)) as (fd, name):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        meta_rel = self.meta_dir.relative_to(self.local_dir).as_posix()
+        _write_atomic_under(
+            self.local_dir, f"{meta_rel}/{self._meta_rel(f)}",
             json.dumps({"oid": f.oid, "size": f.size, "commit": commit, "mtime_ns": st.st_mtime_ns}),
         )
 
     def place(self, commit: str, files: list[RemoteFile], part: Path) -> None:
+        """Rename the verified part file to ``--local-dir/<path>``; the directories on the way are opened
+        with ``O_NOFOLLOW`` from ``--local-dir``, so a link planted there is refused, never followed."""
         (f,) = files  # one part file per path here
-        final = self.visible_path(commit, f)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, final)
-        fsync_dir(final.parent)
+        with _parent_dir(self.local_dir, check_pull_path(f.path)) as (fd, name):
+            os.replace(part, name, dst_dir_fd=fd)
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
         self._write_meta(commit, f)
 
     def finalize(self, revision: str | None, commit: str, files: list[RemoteFile]) -> None:

@@ -7,8 +7,10 @@
 
 Preflight resolves the revision to a commit sha (pinned for the whole pull), lists the files
 through huggingface_hub, applies the filters with huggingface_hub's own matcher (same semantics as
-``hf download``), refuses unsafe names (revision, commit, oids and paths: :mod:`qtk.hub.names`),
-checks access with one HEAD and checks free disk space. Nothing is written until all of that passes.
+``hf download``), refuses unsafe names (revision, commit, oids and paths: :mod:`qtk.hub.names`; no path into a dot
+directory such as ``.git``), refuses a layout that cannot be written as listed (``a`` and ``a/b``; a
+symbolic link, file or directory in the way below the destination), checks access with one HEAD and
+checks free disk space. Nothing is written until all of that passes.
 
 Files with identical content share one blob in the cache: they become one fetch job (one lock, one
 part file), and every path is linked to the blob when it is placed. A pull whose files are all
@@ -32,7 +34,7 @@ from ._retry import RetryPolicy
 from ._fetch import DEFAULT_CHUNK, DEFAULT_CONNECTIONS, FetchJob, Fetcher, FetchStats, ProgressSink, resumable_bytes
 from .auth import get_token
 from .cache import DAMAGED, PRESENT, CacheTarget, LocalDirTarget, RemoteFile, not_writable
-from .names import check_commit_sha, check_oid, check_ref_name, check_repo_path
+from .names import check_commit_sha, check_oid, check_pull_path, check_ref_name
 
 __all__ = ["PlannedFile", "PullPlan", "PullResult", "plan_pull", "pull", "free_bytes", "human_bytes"]
 
@@ -234,9 +236,10 @@ def _planned(target, commit: str, files: list[RemoteFile], chunk_size: int, veri
 
 
 def _check_names(files: list[RemoteFile]) -> None:
-    """Every server-supplied name that becomes a path, before anything touches the filesystem."""
+    """Every server-supplied name that becomes a path, before anything touches the filesystem
+    (:func:`~qtk.hub.names.pull_path_problem`: no dot directory, no part over 200 bytes, ...)."""
     for f in files:
-        check_repo_path(f.path)
+        check_pull_path(f.path)
         check_oid(f.oid, what=f"oid of {f.path!r}")
         if f.lfs != (len(f.oid) == 64) or not isinstance(f.size, int) or f.size < 0:
             raise errors.UnsafePathError(
@@ -282,6 +285,7 @@ def plan_pull(
     if not selected:
         raise _nothing_matched(repo_id, include, exclude, (f.path for f in files))
     _check_names(selected)
+    target.check_layout(commit, selected)  # a and a/b, links or files in the way: refused before any write
     if check_access:
         _check_access(settings, repo_id, repo_type, commit, selected[0], tok, policy)
     return PullPlan(
@@ -331,6 +335,7 @@ def _plan_offline(settings, target, repo_id, repo_type, revision, include, exclu
             f"(cached: {', '.join(f.path for f in cached) or 'none'}).",
             hint="Pull the files while online, or change --include/--exclude.",
         )
+    target.check_layout(commit, selected)
     return PullPlan(
         repo_id=repo_id,
         repo_type=repo_type,
