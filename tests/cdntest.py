@@ -8,8 +8,8 @@
 
 The endpoint is the mirror (``FaultyHandler``) plus: a signed ``Location`` for LFS redirects (HMAC of
 the path and an expiry ``ttl`` seconds ahead, configurable down to ~1 s), a request log, and
-scripted faults per route (429 with ``Retry-After``, a stall, a dropped connection, a tree listing
-whose next link points to itself). The CDN is a separate small server, like S3/MinIO presigned
+scripted faults per route (429 with ``Retry-After``, a stall, a dropped connection, a redirect, a tree
+listing whose next link points to itself or to another origin). The CDN is a separate small server, like S3/MinIO presigned
 URLs: HEAD is refused (403), an expired or forged signature is 403, a request that also carries
 ``Authorization`` is 400; it can answer 429 (also as a rate-limit window), 404, drop or stall a
 body, flip a byte, ignore ``Range``, and throttle each connection. The benchmark imports this too.
@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from hubtest import FaultyHandler, start_server
 
-__all__ = ["Signer", "RequestLog", "Logged", "CdnFaults", "EndpointFaults", "CdnServer", "Topology", "start_topology"]
+__all__ = ["Signer", "RequestLog", "Logged", "Headers", "CdnFaults", "EndpointFaults", "CdnServer", "Topology", "start_topology"]
 
 
 class Signer:
@@ -62,13 +62,34 @@ class Signer:
         return None
 
 
+class Headers(dict):
+    """A request's headers as sent (name spelling kept), looked up case-insensitively: httpx sends
+    ``authorization``, urllib3 ``Authorization``; a check for one must see the other."""
+
+    def _key(self, name: object) -> object:
+        if isinstance(name, str):
+            for k in self.keys():
+                if k.lower() == name.lower():
+                    return k
+        return name
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, self._key(name))
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, self._key(name))
+
+    def get(self, name: str, default=None):
+        return dict.get(self, self._key(name), default)
+
+
 @dataclass
 class Logged:
     t: float  # time.monotonic() when the request line arrived
     method: str
     path: str
     query: str
-    headers: dict[str, str]
+    headers: Headers
     client_port: int
     status: int = 0
 
@@ -80,7 +101,7 @@ class RequestLog:
 
     def add(self, handler: BaseHTTPRequestHandler) -> Logged:
         url = urlsplit(handler.path)
-        entry = Logged(time.monotonic(), handler.command, url.path, url.query, dict(handler.headers.items()),
+        entry = Logged(time.monotonic(), handler.command, url.path, url.query, Headers(handler.headers.items()),
                        handler.client_address[1])
         with self._mu:
             self.entries.append(entry)
@@ -119,6 +140,8 @@ class EndpointFaults:
     stall_s: float = 30.0
     drop: dict[str, int] = field(default_factory=dict)  # connection closed without an answer
     tree_self_link: bool = False  # every tree page says its next page is itself
+    tree_next_url: str | None = None  # every tree page says its next page is this URL (another origin...)
+    redirect: dict[str, str] = field(default_factory=dict)  # route -> URL every request is redirected to (302)
     ignore_range: bool = False  # files the endpoint serves itself come whole (200) whatever the Range
     mu: threading.Lock = field(default_factory=threading.Lock)
 
@@ -151,6 +174,12 @@ class EndpointHandler(FaultyHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return None
+        if route in f.redirect:
+            self.send_response(302)
+            self.send_header("Location", f.redirect[route])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if f.ignore_range and "Range" in self.headers:
             del self.headers["Range"]
         return super()._dispatch(head)
@@ -162,9 +191,12 @@ class EndpointHandler(FaultyHandler):
         super().send_header(keyword, value)
 
     def _send_json(self, obj, extra_headers=None):
-        if self.server.endpoint_faults.tree_self_link and route_of(self.path) == "tree":
+        f: EndpointFaults = self.server.endpoint_faults
+        if f.tree_self_link and route_of(self.path) == "tree":
             host = self.headers.get("Host") or "%s:%d" % self.server.server_address[:2]
             extra_headers = {**(extra_headers or {}), "Link": f'<http://{host}{self.path}>; rel="next"'}
+        if f.tree_next_url and route_of(self.path) == "tree":
+            extra_headers = {**(extra_headers or {}), "Link": f'<{f.tree_next_url}>; rel="next"'}
         super()._send_json(obj, extra_headers)
 
 

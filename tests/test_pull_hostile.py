@@ -19,6 +19,7 @@ import time
 import pytest
 
 from cdntest import route_of
+from hubtest import ALICE
 from test_pull_topology import SMALL, topo, topo_root, topo_server  # noqa: F401 (the topology fixtures)
 
 from qtk import errors
@@ -229,3 +230,42 @@ def test_malformed_listing_entries_stop_before_anything_is_written(topo, qtk, ca
     assert r.exit_code == 30, r.stderr
     assert why in r.stderr
     assert not (cache_dir / "models--acme--cdn-small").exists()
+
+
+# ------------------------------------------------------------------ the token stays on the endpoint's origin
+
+
+def test_tree_next_link_to_another_origin_is_refused_and_gets_no_token(topo, qtk, monkeypatch):
+    """Issue 19 #3: page 1 of the listing links page 2 on another server (here the CDN, which records every
+    request's headers). Before, qtk requested it with `Authorization: Bearer <token>`; now it requests
+    nothing there and stops (exit 30) naming the other origin."""
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    topo.endpoint.endpoint_faults.tree_next_url = f"{topo.cdn.url}/api/models/acme/cdn-small/tree/main?cursor=2"
+    r = qtk("pull", "acme/cdn-small")
+    assert r.exit_code == 30, r.stderr
+    assert "continues on another origin" in r.stderr and topo.cdn.url in r.stderr, r.stderr
+    assert not list(topo.cdn.log)  # nothing at all reached the other origin
+    trees = [e for e in topo.endpoint.log if route_of(e.path) == "tree"]
+    assert len(trees) == 1 and trees[0].headers.get("Authorization") == f"Bearer {ALICE}"
+    assert ALICE not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("route", ["info", "tree"])
+def test_metadata_redirect_to_another_origin_carries_no_token(topo, qtk, monkeypatch, route):
+    """A metadata request redirected to another origin: huggingface_hub's client (httpx) follows it without
+    `Authorization` (the topo fixture also checks the CDN's log for it). A regression guard: true before."""
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    topo.endpoint.endpoint_faults.redirect[route] = f"{topo.cdn.url}/elsewhere"
+    r = qtk("pull", "acme/cdn-small", "--dry-run")
+    assert r.exit_code != 0
+    hits = [e for e in topo.cdn.log if e.path == "/elsewhere"]
+    assert hits and not [e for e in hits if "Authorization" in e.headers]
+
+
+def test_every_page_of_a_paged_listing_carries_the_token(hub, qtk, monkeypatch):
+    """Same-origin pages keep the token (a private repo's listing must page too): 23 files, 7 per page."""
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    r = qtk("pull", "acme/paged", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    pages = [auth for path, auth in hub.faults.auth_headers if "/tree/" in path]
+    assert len(pages) == 4 and all(a == f"Bearer {ALICE}" for a in pages)

@@ -7,7 +7,13 @@ on huggingface_hub's client, with its headers and its error classification, and 
 
 * connect/read timeouts (:class:`~qtk.hub._retry.RetryPolicy`: ``HF_HUB_ETAG_TIMEOUT`` if set);
 * retries on timeouts, connection errors, 429 and 5xx, honouring ``Retry-After`` up to a cap;
-* for the listing, a next link seen before (or an entry listed twice) is an error, not a loop.
+* for the listing, a next link seen before (or an entry listed twice) is an error, not a loop;
+* the token goes to the endpoint's origin (scheme, host, port) only. qtk puts ``Authorization`` on each
+  request itself, so a tree page's ``Link: rel="next"`` to another origin would receive it: such a link
+  is refused (:class:`~qtk.errors.NetworkError`, nothing requested there). The Hub and ``qtk serve``
+  paginate on their own origin; a listing is part of what the endpoint vouches for, and a page from
+  elsewhere (possibly over plain HTTP) is not. Redirects are huggingface_hub's client's (httpx): it
+  drops ``Authorization`` when a redirect leaves the origin.
 
 Nothing here touches huggingface_hub's global client factory: a program that imports qtk keeps its
 own huggingface_hub settings.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import time
 from typing import Callable, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .. import __version__, errors
 from ._errors import HubContext, public_url
@@ -28,6 +34,17 @@ __all__ = ["repo_commit", "list_repo_files", "check_file_access", "call_with_ret
 
 T = TypeVar("T")
 MAX_PAGES_WITHOUT_NEWS = 3  # pages in a row that add no entry: the cursor is going round
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what the token is bound to."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # not a port number: matches no origin
+        return scheme, "\0invalid", None
+    return scheme, (parts.hostname or "").lower(), port
 
 
 def _timeout(policy: RetryPolicy):
@@ -171,6 +188,14 @@ def list_repo_files(endpoint: str, repo_id: str, repo_type: str, commit: str, to
         nxt = r.links.get("next", {}).get("url")
         if nxt is not None:
             nxt = str(r.request.url.join(nxt))
+            if _origin(nxt) != _origin(endpoint):
+                raise errors.NetworkError(
+                    f"The file listing of {repo_id} on {ctx.shown_endpoint} continues on another origin: page "
+                    f"{page} links its next page to {public_url(nxt, path=False)}. qtk sends the token to the "
+                    "endpoint only, and takes a listing from the endpoint only.",
+                    hint="Nothing was downloaded. The server (or a proxy in front of it) builds wrong links: "
+                    "check HF_ENDPOINT (scheme, host and port as the server knows itself), or report it.",
+                )
             if nxt in requested or str(httpx2.URL(nxt)) in requested:
                 raise _loop(ctx, repo_id, page, f"the next-page link points back to {public_url(nxt)}")
         url, params = nxt, None
