@@ -18,6 +18,8 @@ from .. import errors
 
 __all__ = [
     "REPO_ID_MAX",
+    "RESERVED_NAMESPACES",
+    "repo_id_problem",
     "is_commit_sha",
     "is_oid",
     "is_repo_id",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 REPO_ID_MAX = 96  # per part, as the Hub (huggingface_hub's validate_repo_id)
+# first path words of the Hub's routes (and qtk serve's): never a model namespace there
+RESERVED_NAMESPACES = frozenset({"api", "datasets", "models", "spaces"})
 REF_NAME_MAX = 255
 REPO_PATH_MAX = 1024
 # Bytes (UTF-8) per part of a path qtk pull writes: the file systems' NAME_MAX (255) less room for the
@@ -67,13 +71,40 @@ def is_oid(value: object) -> bool:
     return isinstance(value, str) and _OID_RE.fullmatch(value) is not None
 
 
+def repo_id_problem(value: object, *, namespace: bool = False) -> str | None:
+    """Why ``value`` is not a repo id by the Hub's rules, or None.
+
+    The Hub's rules (huggingface_hub's ``validate_repo_id``, ASCII only): ``name`` or ``namespace/name``;
+    each part 1 to 96 letters, digits, ``_``, ``-``, ``.``, starting and ending with a letter, digit or
+    ``_``; no ``--`` or ``..`` anywhere; not ending in ``.git``.
+
+    ``namespace=True``: the id of a repo that can exist, on the Hub or on ``qtk serve`` (a manifest's
+    published repo, an access rule): ``namespace/name`` with a namespace that is not one of the words
+    the Hub and the mirror route on (:data:`RESERVED_NAMESPACES`, in any case). A request for such an
+    id is still well-formed (the mirror answers it "not found", as the Hub does)."""
+    if not isinstance(value, str) or not value:
+        return "empty"
+    parts = value.split("/")
+    if len(parts) > 2 or (namespace and len(parts) != 2):
+        return "expected 'namespace/name'" if namespace else "expected 'name' or 'namespace/name'"
+    if "--" in value or ".." in value:
+        return "'--' and '..' are not allowed"
+    if value.endswith(".git"):
+        return "it may not end in '.git'"
+    for part in parts:
+        if len(part) > REPO_ID_MAX:
+            return f"{part[:20]!r}... is {len(part)} characters (at most {REPO_ID_MAX} per part)"
+        if not _REPO_PART_RE.fullmatch(part):
+            return (f"{part!r}: only ASCII letters, digits, '_', '-' and '.', starting and ending with a letter, "
+                    "digit or '_'")
+    if namespace and parts[0].lower() in RESERVED_NAMESPACES:
+        return f"{parts[0]!r} is a route on the Hub and on qtk serve, not a namespace"
+    return None
+
+
 def is_repo_id(value: object) -> bool:
-    """``name`` or ``namespace/name`` by the Hub's rules (ASCII only)."""
-    if not isinstance(value, str) or not value or value.count("/") > 1:
-        return False
-    if "--" in value or ".." in value or value.endswith(".git"):
-        return False
-    return all(_REPO_PART_RE.fullmatch(part) for part in value.split("/"))
+    """``name`` or ``namespace/name`` by the Hub's rules (:func:`repo_id_problem`)."""
+    return repo_id_problem(value) is None
 
 
 def is_ref_name(value: object) -> bool:
@@ -157,13 +188,9 @@ def check_oid(value: object, *, what: str = "file oid") -> str:
     return value  # type: ignore[return-value]
 
 
-def check_repo_id(value: object) -> str:
-    if not is_repo_id(value):
-        raise _refuse(
-            "repo id", value,
-            f"expected 'name' or 'namespace/name' of ASCII letters, digits, '_', '-', '.' (at most {REPO_ID_MAX} "
-            "per part, no '--' or '..', not starting or ending with '-' or '.')",
-        )
+def check_repo_id(value: object, *, namespace: bool = False) -> str:
+    if why := repo_id_problem(value, namespace=namespace):
+        raise _refuse("repo id", value, why)
     return value  # type: ignore[return-value]
 
 
