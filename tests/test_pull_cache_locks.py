@@ -448,3 +448,76 @@ def test_any_json_in_a_lock_file_is_handled(tmp_path_factory, value, key):
         assert lock is None or lock.mode == EXCLUSIVE_FILE
         assert isinstance(_lock.is_locked(base), bool)
         locker.close()
+
+
+# ------------------------------------------------- two hosts on one cache (QTK_HOST_ID), prune takes the lock
+
+HOLD = textwrap.dedent("""
+    import errno, sys, time
+    from qtk.hub import _lock
+    _lock.fcntl.flock = lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks available"))
+    held = _lock.Locker(heartbeat=3600).try_acquire(sys.argv[1])
+    print(held.mode, flush=True)
+    time.sleep(600)
+""")
+
+
+def _partial(cache_dir: Path) -> tuple[Path, Path]:
+    """A partial download with nothing resumable in it (a prune candidate at any age) and its lock base."""
+    oid = _sha(b"partial")
+    part = cache_dir / "models--acme--locks" / "blobs" / f"{oid}.qtk-part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"p" * 1000)
+    return part, cache_dir / ".locks" / "models--acme--locks" / f"{oid}.qtk.lock"
+
+
+def test_a_second_host_never_takes_nor_prunes_the_first_hosts_lock(cache_dir, tmp_path, no_flock, monkeypatch):
+    """node-a holds a partial's lock (an exclusive lock file: flock does not work there), then its process
+    disappears from *this* machine's view (killed here; on a real second host it would never have been
+    visible). node-b, sharing the cache, cannot know node-a is gone: it neither takes the lock nor prunes
+    the partial (before: the lock file named the host by gethostname(), equal for both, and the pid gone
+    here counted as dead). The same machine as node-a (same host id, boot, PID namespace) may."""
+    from qtk.hub.scan import prune_cache
+
+    part, base = _partial(cache_dir)
+    base.parent.mkdir(parents=True)
+    a = subprocess.Popen([sys.executable, "-c", HOLD, str(base)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "QTK_HOST_ID": "node-a"})
+    try:
+        assert a.stdout.readline().strip() == EXCLUSIVE_FILE
+    finally:
+        a.kill()
+        a.wait()
+    excl = Path(str(base) + EXCL_SUFFIX)
+    monkeypatch.setenv("QTK_HOST_ID", "node-b")
+    said = []
+    assert _lock.is_locked(base)
+    assert Locker(stale_after=3600, notify=said.append).try_acquire(base) is None and not said
+    assert prune_cache(cache_dir) == [] and part.exists() and excl.exists()
+    assert json.loads(excl.read_text())["host"] == "node-a"
+    monkeypatch.setenv("QTK_HOST_ID", "node-a")  # node-a itself, after the crash: provably dead
+    assert not _lock.is_locked(base)
+    gone = prune_cache(cache_dir)
+    assert part in [g.path for g in gone] and not part.exists()
+
+
+def test_prune_takes_the_partials_lock_and_skips_it_when_a_pull_holds_it(cache_dir, monkeypatch):
+    """A pull may take the partial's lock after prune listed it as idle: prune takes the lock (without
+    waiting) before removing the file, so the pull's file stays. Before, the listing's check was all."""
+    from qtk.hub import scan
+
+    part, base = _partial(cache_dir)
+    pull = Locker()
+    held = pull.try_acquire(base)
+    assert held is not None and held.mode == FLOCK
+    monkeypatch.setattr(scan, "is_locked", lambda path: False)  # listed while no one held it
+    try:
+        actions = scan.prune_cache(cache_dir)
+        assert part.exists() and not [a for a in actions if a.path == part]
+    finally:
+        held.release()
+        pull.close()
+    base.unlink()
+    actions = scan.prune_cache(cache_dir)
+    assert [a.path for a in actions] == [part] and not part.exists()
+    assert not base.exists()  # the lock file prune made to hold it is gone with it
