@@ -115,7 +115,9 @@ def raw_request(port: int, target: bytes | str, *, method: str = "GET", headers:
     Raises if the server drops the connection without answering."""
     if isinstance(target, str):
         target = target.encode("latin-1")
-    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1:%d" % port, b"Connection: close"]
+    lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Connection: close"]
+    if not any(k.lower() == "host" for k in headers or {}):
+        lines.insert(1, b"Host: 127.0.0.1:%d" % port)
     lines += [f"{k}: {v}".encode("latin-1") for k, v in (headers or {}).items()]
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
@@ -123,6 +125,36 @@ def raw_request(port: int, target: bytes | str, *, method: str = "GET", headers:
         resp.begin()
         body = resp.read()
         return resp.status, resp.msg, body
+
+
+def parse_responses(data: bytes, method: str = "GET") -> list[tuple[int, dict[str, str], bytes]]:
+    """Every final response in a reply stream: (status, headers with lower-case names, body). Interim
+    (1xx) responses are skipped; a truncated response fails the test."""
+    out = []
+    while data:
+        end = data.find(b"\r\n\r\n")
+        assert end >= 0, f"a truncated response head: {data[:200]!r}"
+        lines = data[:end].decode("latin-1").split("\r\n")
+        assert lines[0].startswith("HTTP/1."), f"not a response: {data[:200]!r}"
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        data = data[end + 4:]
+        if 100 <= status < 200:
+            continue
+        n = 0 if method == "HEAD" or status in (204, 304) else int(headers.get("content-length", "0"))
+        assert len(data) >= n, f"a truncated body: {n} bytes announced, {len(data)} sent"
+        out.append((status, headers, data[:n]))
+        data = data[n:]
+    return out
+
+
+def connect(port: int, source: str = "127.0.0.1", timeout: float | None = 10.0) -> socket.socket:
+    """A connection to the server from ``source`` (any 127.x.y.z is this host: a distinct client address
+    for the server's per-client connection bound)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
 
 
 def auth_header(token: str | None) -> dict[str, str]:

@@ -13,14 +13,15 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from hubtest import ALICE, BOB, write_plain_repo
-from servetest import raw_request
+from servetest import connect, raw_request
 
-from qtk.hub.mirror.app import MirrorAuth, MirrorServer, MirrorUser, RepoPolicy
+from qtk.hub.mirror.app import MirrorAuth, MirrorHandler, MirrorServer, MirrorUser, RepoPolicy
 from qtk.hub.mirror.service import tls_context
 from qtk.hub.mirror.store import MirrorStore
 
@@ -61,8 +62,8 @@ def test_slowloris_connections_cost_no_worker_and_are_cut(root):
     port = srv.server_address[1]
     slow = []
     try:
-        for _ in range(100):  # 50x the workers, each holding a request head open
-            s = socket.create_connection(("127.0.0.1", port))
+        for i in range(100):  # 50x the workers, each holding a request head open (from 4 other addresses)
+            s = connect(port, f"127.0.0.{2 + i % 4}")
             s.sendall(b"GET /acme/m/resolve/main/config.json HTTP/1.1\r\nHost: x\r\nX-a: ")
             slow.append(s)
         status, _, body = raw_request(port, "/acme/m/resolve/main/config.json")
@@ -95,31 +96,41 @@ def test_idle_keepalive_is_closed_and_a_dribbling_head_is_cut(root):
         stop(srv)
 
 
+class HeldHandler(MirrorHandler):
+    """Holds its worker while the server's ``hold`` event is clear, for requests of ``/hold/...``."""
+
+    def _dispatch(self, head: bool) -> None:
+        if self.path.startswith("/hold/"):
+            self.server.hold.wait(30)
+            self.path = self.path[len("/hold"):]
+        super()._dispatch(head)
+
+
 def test_full_pool_answers_503_with_retry_after(root):
-    srv = start(root, workers=1, max_pending=1, io_timeout=30)
+    srv = start(root, workers=1, max_pending=1, handler=HeldHandler)
+    srv.hold = threading.Event()
     port = srv.server_address[1]
     hog = socket.create_connection(("127.0.0.1", port))
-    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    queued = socket.create_connection(("127.0.0.1", port))
     try:
-        hog.sendall(b"GET /acme/m/resolve/main/big.safetensors HTTP/1.1\r\nHost: x\r\n\r\n")  # never read
-        time.sleep(0.5)
-        queued = socket.create_connection(("127.0.0.1", port))
+        hog.sendall(b"GET /hold/acme/m/resolve/main/config.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)  # the only worker is held
         queued.sendall(b"GET /acme/m/resolve/main/config.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        time.sleep(0.5)
+        time.sleep(0.5)  # ... and the one pending place taken
         status, hdrs, body = raw_request(port, "/acme/m/resolve/main/config.json")
         assert status == 503 and hdrs["Retry-After"] and hdrs["X-Error-Code"] == "ServiceUnavailable"
-        hog.close()  # the worker is freed (broken pipe) and takes the queued request
+        srv.hold.set()  # the worker is freed and takes the queued request
+        assert read_until_closed(hog).startswith(b"HTTP/1.1 200")
         assert read_until_closed(queued).startswith(b"HTTP/1.1 200")
-        queued.close()
         assert srv.rejected_busy >= 1
     finally:
+        srv.hold.set()
         hog.close()
+        queued.close()
         stop(srv)
 
 
 def test_a_client_that_reads_too_slowly_is_cut(root):
-    import threading
-
     srv = start(root, workers=1, io_timeout=1.0)
     port = srv.server_address[1]
     s = socket.create_connection(("127.0.0.1", port))

@@ -241,13 +241,19 @@ def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_typ
               help="Open connections; past it new ones get 503 + Retry-After.")
 @click.option("--max-pending", type=click.IntRange(1, 65536), default=1024, show_default=True,
               help="Complete requests waiting for a worker; past it 503 + Retry-After.")
+@click.option("--max-per-client", type=click.IntRange(0, 65536), default=64, show_default=True,  # server.MAX_PER_CLIENT
+              help="Open connections from one client address (an IPv6 /64); past it 503 + Retry-After. "
+                   "--trusted-proxy peers are not counted. 0: no bound.")
 @click.option("--timeout", "io_timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
-              help="Seconds a connection may stay idle between requests, and per read/write of a response.")
+              help="Seconds a connection may stay idle between requests; a client reading an answer slower "
+                   "than 8 KiB/s over such a window is cut.")
 @click.option("--header-timeout", type=click.FloatRange(1, 600), default=20.0, show_default=True,
-              help="Seconds a client has to send a complete request head (slowloris guard).")
+              help="Seconds a client has to send a complete request, head and body, from its first byte "
+                   "(slowloris guard).")
 def serve(directory: Path, host: str, port: int, access_file: Path | None, access_log: bool, index_only: bool,
           index_dir: Path | None, tls_cert: Path | None, tls_key: Path | None, trusted_proxy: tuple[str, ...],
-          workers: int, max_connections: int, max_pending: int, io_timeout: float, header_timeout: float) -> None:
+          workers: int, max_connections: int, max_pending: int, max_per_client: int, io_timeout: float,
+          header_timeout: float) -> None:
     """Serve a directory of model repos as a Hub-compatible endpoint (for air-gapped clusters).
 
     DIRECTORY holds repos as plain folders (DIR/<ns>/<name>/..., datasets under DIR/datasets/), is a
@@ -285,7 +291,8 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
         server = service.make_server(store, host, port, access=access, access_log=access_log, tls=tls,
                                      trusted_proxies=trusted_proxy,
                                      options=service.ServeOptions(workers, max_connections, max_pending,
-                                                                  header_timeout, io_timeout, io_timeout))
+                                                                  header_timeout, io_timeout, io_timeout,
+                                                                  max_per_client))
     try:
         stats = _index_with_progress(out, store)
         gc.freeze()  # the listings built at start live as long as the server: keep them out of GC passes
@@ -314,7 +321,7 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
             server.server_close()
             out.err.print(f"Served {server.requests} request(s), {human_bytes(server.bytes_sent)}; answered 503: "
                           f"{server.rejected_busy} (all workers busy), {server.rejected_connections} (connection "
-                          f"limit); 500: {server.errors_500}.")
+                          f"limit), {server.rejected_per_client} (per-client limit); 500: {server.errors_500}.")
         store.index.close()
 
 

@@ -27,14 +27,13 @@ import json
 import logging
 import os
 import re
-import select
 import socket
 import ssl
 import stat as stat_mod
 import threading
 import time
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from email.utils import formatdate, mktime_tz, parsedate_tz
 from pathlib import Path
 from urllib.parse import quote
 
@@ -51,7 +50,6 @@ __all__ = ["MirrorAuth", "MirrorUser", "MirrorServer", "MirrorHandler", "RepoPol
 log = logging.getLogger("qtk.mirror")
 
 TREE_PAGE_SIZE = 1000
-MIN_RATE = 8 * 1024  # bytes/s a client must read, averaged over each timeout window, while a body is sent
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
@@ -205,6 +203,7 @@ class MirrorServer(PooledHTTPServer):
         # as the Hub does with its CDN). The target must serve ``/{sha256}`` itself.
         self.lfs_redirect_base = lfs_redirect_base.rstrip("/") if lfs_redirect_base else None
         self.trusted_proxies = _networks(trusted_proxies)
+        server_options.setdefault("max_body", MAX_BODY)
         self.bytes_sent = 0
         self.requests = 0
         self.errors_500 = 0
@@ -223,11 +222,18 @@ class MirrorServer(PooledHTTPServer):
             self.bytes_sent += nbytes
             self.requests += int(request)
 
+    def on_sent(self, nbytes: int) -> None:
+        self.count(nbytes)
+
     def trusts(self, peer: str) -> bool:
         try:
             ip = ipaddress.ip_address(peer)
         except ValueError:
             return False
+        return self.exempt_from_client_limit(ip)
+
+    def exempt_from_client_limit(self, ip) -> bool:
+        """A trusted proxy carries many clients: ``max_per_client`` does not count its connections."""
         return any(ip in net for net in self.trusted_proxies)
 
     def tree_entries(self, snap: RepoRevision, prefix: str, recursive: bool) -> list[dict]:
@@ -310,14 +316,15 @@ class MirrorHandler(PooledRequestHandler):
 
     def _not_allowed(self) -> None:
         self.close_connection = True
-        self._send_error(Rejected(405, "MethodNotAllowed", "This mirror is read-only: GET and HEAD only."), False)
+        self._send_error(Rejected(405, "MethodNotAllowed", "This mirror is read-only: GET and HEAD only."),
+                         self.command == "HEAD")  # a HEAD (to the POST route) gets no body
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
     def do_POST(self) -> None:
         """Only ``/api/{models,datasets}/{ns}/{name}/paths-info/{rev}`` (the Hub's, for huggingface_hub's
-        get_paths_info): the same parser and the same access question as every other route."""
-        self.close_connection = True
+        get_paths_info): the same parser and the same access question as every other route. The server has
+        read the body exactly (one Content-Length, checked), so the connection may be kept alive."""
         try:
             req = parse_target(self.path)
         except Rejected as exc:
@@ -329,8 +336,6 @@ class MirrorHandler(PooledRequestHandler):
     def _dispatch(self, head: bool) -> None:
         self.server.count(request=True)
         self._started = False
-        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # a body we do not read: never reuse the connection
         try:
             self.req = req = parse_target(self.path)
             if req.route == "whoami":
@@ -455,13 +460,12 @@ class MirrorHandler(PooledRequestHandler):
         return self._tree(snap, req)
 
     def _paths_info(self, snap: RepoRevision) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            raise Rejected(411, "BadRequest", "paths-info needs a Content-Length body.") from None
+        length = self.content_length  # checked by the server's head parser (digits only, one field)
+        if length is None:
+            raise Rejected(411, "BadRequest", "paths-info needs a Content-Length body.")
         if not 0 < length <= MAX_BODY:
             raise Rejected(413, "BadRequest", f"paths-info body must be 1 to {MAX_BODY} bytes.")
-        paths = parse_paths_body(self.read_body(length), self.headers.get("Content-Type", ""))
+        paths = parse_paths_body(self.body, self.headers.get("Content-Type", ""))
         entries, dirs = [], {p.rsplit("/", 1)[0] for p in snap.files if "/" in p}
         dirs |= {d.rsplit("/", i)[0] for d in dirs for i in range(1, d.count("/") + 1)}
         for p in dict.fromkeys(paths):
@@ -571,12 +575,27 @@ class MirrorHandler(PooledRequestHandler):
         return fd
 
     def send_file(self, f: StoredFile, headers: dict[str, str], head: bool) -> None:
-        """Answer a GET/HEAD for ``f`` honouring a single ``Range``."""
+        """Answer a GET/HEAD for ``f``: the preconditions of RFC 9110 §13.2.2 (If-Match, If-Unmodified-Since,
+        If-None-Match, If-Modified-Since: 412 or 304), then one ``Range``, honoured only while ``If-Range``
+        (when sent) still matches the file."""
+        etag, mtime = f'"{f.etag}"', int(f.mtime)
+        verdict = _preconditions(self.headers, etag, mtime)
+        if verdict == 412:
+            raise Rejected(412, "PreconditionFailed", "Precondition failed: the file no longer matches If-Match "
+                                                      "or If-Unmodified-Since.")
+        if verdict == 304:
+            self.send_response(304)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            return
         size = f.size
         start, end = 0, size - 1
         status = 200
         rng = self.headers.get("Range")
-        parsed = _parse_range(rng, size) if rng else None
+        if rng is not None and not _if_range_holds(self.headers.get("If-Range"), etag, mtime):
+            rng = None  # the client's copy is stale: the whole file, 200 (RFC 9110 §13.1.5)
+        parsed = _parse_range(rng, size) if rng is not None else None
         if parsed is False:
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{size}")
@@ -604,39 +623,11 @@ class MirrorHandler(PooledRequestHandler):
                 os.close(fd)
 
     def send_bytes(self, fd: int, offset: int, count: int, f: StoredFile) -> None:
-        """Copy ``count`` bytes from ``fd`` at ``offset`` to the client: ``sendfile`` (no copies in Python),
-        waiting for the socket with the connection's timeout; under TLS, read + ``sendall``. A client that
-        reads slower than ``MIN_RATE`` over a whole timeout window is cut (it would hold a worker)."""
-        sock = self.connection
-        timeout = sock.gettimeout() or 60.0
-        window_end, window_bytes = time.monotonic() + timeout, 0
-        out = sock.fileno()
-        tls = isinstance(sock, ssl.SSLSocket)
-        while count > 0:
-            if tls:
-                data = os.pread(fd, min(count, 256 * 1024), offset)
-                if not data:
-                    raise BrokenPipeError("file shrank while being sent")
-                sock.sendall(data)  # bounded by the socket timeout as a whole
-                sent = len(data)
-            else:
-                try:
-                    sent = os.sendfile(out, fd, offset, min(count, 8 * 1024 * 1024))
-                except (BlockingIOError, InterruptedError):
-                    if not _writable(out, timeout):
-                        raise TimeoutError("client stopped reading") from None
-                    sent = 0
-                else:
-                    if sent == 0:
-                        raise BrokenPipeError("file shrank while being sent")
-            offset += sent
-            count -= sent
-            window_bytes += sent
-            self.server.count(sent)
-            if time.monotonic() > window_end:
-                if window_bytes < MIN_RATE * timeout:
-                    raise TimeoutError("client reads too slowly")
-                window_end, window_bytes = time.monotonic() + timeout, 0
+        """Send ``count`` bytes of ``fd`` from ``offset`` after the headers. The event loop does it
+        (non-blocking ``sendfile``; ``pread`` + send under TLS), so a slow reader holds no worker; one that
+        reads slower than the server's ``min_rate`` over an ``io_timeout`` window is cut. The test bed
+        (tests/hubtest.py) overrides this to throttle, reset or corrupt a body."""
+        self.stream_file(fd, offset, count)
 
     def reset_connection(self) -> None:
         """Abort with a TCP RST (SO_LINGER 0), as a dropped connection looks to a client."""
@@ -647,31 +638,119 @@ class MirrorHandler(PooledRequestHandler):
             self.connection.close()
 
 
-def _writable(fd: int, timeout: float) -> bool:
-    poller = select.poll()  # not select(): descriptors above 1024 are normal with thousands of connections
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(timeout * 1000))
+_ETAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*')
+_RANGE_SPEC = re.compile(r"([0-9]+)-([0-9]*)|-([0-9]+)")
+MAX_RANGE_SPEC = 256  # longer: ignored (the whole file), never parsed
+
+
+def _field(headers, name: str) -> str | None:
+    """A list-valued field, all its lines joined (RFC 9110 §5.3); None when absent."""
+    values = headers.get_all(name)
+    return None if not values else ", ".join(values)
+
+
+def _entity_tags(value: str) -> list[tuple[bool, str]] | None:
+    """``W/"x", "y"`` -> [(weak, opaque tag)]; None when the list is malformed. Empty elements are skipped
+    (RFC 9110 §5.6.1.2); a tag may contain a comma, so the list is scanned, not split."""
+    out, pos = [], 0
+    while pos < len(value):
+        if value[pos] in ", \t":
+            pos += 1
+            continue
+        m = _ETAG.match(value, pos)
+        if m is None:
+            return None
+        out.append((m.group(1) is not None, m.group(2)))
+        pos = m.end()
+        if pos < len(value) and value[pos] != ",":
+            return None
+    return out
+
+
+def _etag_matches(value: str, etag: str, *, weak: bool) -> bool:
+    """Does the If-Match / If-None-Match list ``value`` name ``etag``? ``*`` names any current file.
+    Weak comparison (If-None-Match) ignores ``W/``; strong comparison (If-Match) needs both tags strong.
+    A malformed list matches nothing."""
+    if value.strip(" \t") == "*":
+        return True
+    tags = _entity_tags(value)
+    ours = etag.strip('"')
+    return bool(tags) and any(tag == ours and (weak or not is_weak) for is_weak, tag in tags)
+
+
+def _http_date(value: str | None) -> int | None:
+    """Seconds since the epoch of an HTTP-date; None when absent or not a date (ASCII only: nothing
+    reaches ``int()`` that Python would read as a digit and the RFC would not)."""
+    if value is None or len(value) > 64 or not value.isascii():
+        return None
+    try:
+        parts = parsedate_tz(value)
+        return None if parts is None else int(mktime_tz(parts))
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+def _preconditions(headers, etag: str, mtime: int) -> int | None:
+    """RFC 9110 §13.2.2 for GET/HEAD: 412, 304 or None (go on). If-Match is evaluated before (and
+    replaces) If-Unmodified-Since, If-None-Match before (and replaces) If-Modified-Since. A malformed
+    If-Match fails (412: fail closed); a malformed If-None-Match or date is ignored (the full answer)."""
+    if_match = _field(headers, "If-Match")
+    if if_match is not None:
+        if not _etag_matches(if_match, etag, weak=False):
+            return 412
+    else:
+        since = _http_date(headers.get("If-Unmodified-Since"))
+        if since is not None and mtime > since:
+            return 412
+    if_none = _field(headers, "If-None-Match")
+    if if_none is not None:
+        return 304 if _etag_matches(if_none, etag, weak=True) else None
+    since = _http_date(headers.get("If-Modified-Since"))
+    return 304 if since is not None and mtime <= since else None
+
+
+def _if_range_holds(value: str | None, etag: str, mtime: int) -> bool:
+    """RFC 9110 §13.1.5: a Range applies only if If-Range (when sent) still names the file: an entity tag
+    by strong comparison (a weak tag never does), or a date equal to Last-Modified that is a strong
+    validator (at least a second old)."""
+    if value is None:
+        return True
+    value = value.strip(" \t")
+    if value.startswith(('"', "W/")):
+        tags = _entity_tags(value)
+        return tags is not None and len(tags) == 1 and not tags[0][0] and tags[0][1] == etag.strip('"')
+    date = _http_date(value)
+    return date is not None and date == mtime and time.time() - mtime >= 1
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` -> inclusive (start, end).
 
-    None: a form this server does not support (multiple ranges, other units): send the whole file.
-    False: unsatisfiable (416).
+    None: send the whole file (another unit, which RFC 9110 §14.2 says to ignore; several ranges, which
+    this server does not combine; a spec over ``MAX_RANGE_SPEC`` characters).
+    False: 416 (``Content-Range: bytes */size``): unsatisfiable, or not a valid bytes range: digits are
+    ASCII ``0-9`` only (Python's ``int()`` would also read ``²`` or ``٣``), ``last < first`` is invalid
+    (§14.1.1), and §14.2 lets a server reject an invalid range.
     """
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec or len(spec) > 64:
+    unit, eq, spec = header.partition("=")
+    if unit.strip(" \t").lower() != "bytes":
         return None
-    first, _, last = spec.strip().partition("-")
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if len(spec) > MAX_RANGE_SPEC:
         return None
-    if first == "":
-        if last == "":
-            return None
-        n = int(last)
+    specs = [s.strip(" \t") for s in spec.split(",")]
+    specs = [s for s in specs if s]
+    if not eq or not spec.isascii() or not specs or not all(_RANGE_SPEC.fullmatch(s) for s in specs):
+        return False
+    if len(specs) > 1:
+        return None
+    m = _RANGE_SPEC.fullmatch(specs[0])
+    if m.group(3) is not None:  # the last n bytes
+        n = int(m.group(3))
         return (max(0, size - n), size - 1) if n > 0 and size > 0 else False
-    start = int(first)
-    end = int(last) if last else size - 1
-    if start >= size or start > end:
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else size - 1
+    if m.group(2) and end < start:
+        return False
+    if start >= size:
         return False
     return (start, min(end, size - 1))

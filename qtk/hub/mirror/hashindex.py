@@ -8,6 +8,19 @@ never inherit an old hash. Values: sha256 of the content and, once needed, its g
 Storage is SQLite (WAL) under a state directory: ``DIR/.qtk-serve/`` when the served directory is
 writable, otherwise a per-directory folder under the user's cache (or ``--index-dir``). The mirror
 never serves dot-entries, so the index is never visible to clients.
+
+**The index is trusted: whoever can write it chooses the hashes the mirror announces.** A row whose key
+matches a file's current metadata is used without reading the file (that is the point of the index),
+so a row planted with the right key and a wrong sha256 would be served as the file's ETag and
+``X-Linked-Etag`` (a client that checks content, ``qtk pull``, then refuses the file; one that checks
+only the size, ``hf download``, keeps it). A row for an earlier version of a file is never used: any
+write, rename onto it, re-link or chmod moves its ctime, so the key no longer matches and the file is
+hashed again. The defence against planted rows is who may write: the state directory is created mode
+0700 and the database 0600 (its ``-wal``/``-shm`` files inherit that); at start a directory that is not
+a real directory owned by the serving user is refused (the default location then falls back to the
+user's cache; an explicit ``--index-dir`` is an error), and a database, WAL or shared-memory file that is
+not a regular file owned by the serving user, or that group or others could write (or sat in such a
+directory), is deleted and rebuilt (every file is hashed again) rather than trusted.
 """
 
 from __future__ import annotations
@@ -16,11 +29,12 @@ import hashlib
 import logging
 import os
 import sqlite3
+import stat as stat_mod
 import threading
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["FileKey", "HashIndex", "file_key", "hash_file", "default_index_dir"]
+__all__ = ["FileKey", "HashIndex", "IndexNotTrusted", "file_key", "hash_file", "default_index_dir", "private_dir"]
 
 log = logging.getLogger("qtk.mirror")
 
@@ -58,18 +72,97 @@ def hash_file(fd: int, size: int, *, sha1: bool, progress: Callable[[int], None]
     return h256.hexdigest(), (h1.hexdigest() if h1 is not None else None)
 
 
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
+
+
+class IndexNotTrusted(PermissionError):
+    """The index directory is not a real directory owned by the serving user."""
+
+
+def _euid() -> int:
+    return os.geteuid()
+
+
+def _own_dir(path: Path) -> os.stat_result:
+    """Create ``path`` mode 0700, or check an existing one: a real directory (not a symlink) owned by this
+    user. Raises :class:`IndexNotTrusted` otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise IndexNotTrusted(f"{path} is not a directory (a symlink or a file)")
+    if st.st_uid != _euid():
+        raise IndexNotTrusted(f"{path} is owned by uid {st.st_uid}, not by the serving user (uid {_euid()})")
+    return st
+
+
+def private_dir(path: Path) -> bool:
+    """:func:`_own_dir`, narrowed to mode 0700. True if group or others could write it until now (what
+    it holds is not to be trusted)."""
+    st = _own_dir(path)
+    if stat_mod.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return bool(st.st_mode & 0o022)
+
+
+def _untrusted(path: str, dir_was_open: bool) -> str | None:
+    """Why a database file (or a companion) may not be trusted; None if it may (or does not exist)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat_mod.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != _euid():
+        return f"owned by uid {st.st_uid}, not by the serving user"
+    if st.st_mode & 0o022:
+        return f"writable by group or others (mode {stat_mod.S_IMODE(st.st_mode):o})"
+    if dir_was_open:
+        return "its directory was writable by group or others"
+    if stat_mod.S_IMODE(st.st_mode) != 0o600:
+        os.chmod(path, 0o600)
+    return None
+
+
+def _prepare_db(path: Path) -> None:
+    """Make ``path`` a database only this user can write: an untrusted one (and its companions) is
+    deleted and recreated empty, mode 0600 from the first byte."""
+    dir_was_open = private_dir(path.parent)
+    files = [str(path)] + [f"{path}{suffix}" for suffix in SIDE_FILES]
+    reasons = [(f, why) for f in files if (why := _untrusted(f, dir_was_open))]
+    if reasons:
+        log.warning("hash index %s is not trusted (%s: %s): rebuilding it (every file is hashed again).",
+                    path, os.path.basename(reasons[0][0]), reasons[0][1])
+        for f in files:
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def default_index_dir(root: Path) -> Path:
-    """``ROOT/.qtk-serve`` if it can be written, else ``$XDG_CACHE_HOME/qtk/serve/<hash of ROOT>``. An HF cache
-    (``models--*`` folders) is left untouched: huggingface_hub's cache scan would report a foreign folder."""
+    """``ROOT/.qtk-serve`` if it can be written and belongs to this user, else
+    ``$XDG_CACHE_HOME/qtk/serve/<hash of ROOT>``. An HF cache (``models--*`` folders) is left untouched:
+    huggingface_hub's cache scan would report a foreign folder."""
     own = root / ".qtk-serve"
     try:
         if any(p.name.startswith(("models--", "datasets--", "spaces--")) for p in root.iterdir()):
             raise OSError("an HF cache: keep it clean")
-        own.mkdir(exist_ok=True)
+        _own_dir(own)  # its mode is checked (and narrowed) when the index is opened
         probe = own / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
         return own
+    except IndexNotTrusted as exc:
+        log.warning("not using %s for the hash index: %s; using the user's cache instead.", own, exc)
     except OSError:
         pass
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -89,7 +182,7 @@ class HashIndex:
         self._inflight: dict[FileKey, threading.Event] = {}
         self._db: sqlite3.Connection | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _prepare_db(path)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")

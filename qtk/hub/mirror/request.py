@@ -16,7 +16,8 @@ What it guarantees to the routes (everything else is refused with :class:`Reject
   repo path (:func:`~qtk.hub.names.is_repo_path`: no empty, ``.`` or ``..`` part). huggingface_hub sends a
   tree path as one segment with ``%2F``; both spellings give the same validated path;
 * query: at most 16 fields, strict UTF-8, ``cursor`` a non-negative integer;
-* a paths-info body (the one POST): at most 256 KiB and 1,000 paths, each a clean repo path.
+* a paths-info body (the one POST): at most 256 KiB and 1,000 paths, each a clean repo path; JSON nested
+  deeper than the decoder allows is a 400 like any other malformed body.
 
 The parser never touches the filesystem: the path it returns is only a key into the store's listing.
 """
@@ -184,7 +185,7 @@ def parse_paths_body(body: bytes, content_type: str) -> list[str]:
         else:
             paths = [v for k, v in parse_qsl(text, keep_blank_values=True, errors="strict",
                                              max_num_fields=MAX_PATHS + 8) if k == "paths"]
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         raise _bad("the paths-info body is not valid form data or JSON") from None
     if not isinstance(paths, list) or not paths or len(paths) > MAX_PATHS:
         raise _bad(f"paths-info takes 1 to {MAX_PATHS} paths")

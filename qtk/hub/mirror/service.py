@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ... import errors
 from .app import MirrorAuth, MirrorServer, load_auth
-from .hashindex import HashIndex, default_index_dir
+from .hashindex import HashIndex, IndexNotTrusted, default_index_dir
+from .server import MAX_PER_CLIENT
 from .store import MirrorStore
 
 __all__ = ["ServeOptions", "exposure_warnings", "open_store", "tls_context", "make_server", "log_to_stderr", "read_access"]
@@ -28,6 +29,7 @@ class ServeOptions:
     header_timeout: float = 20.0
     idle_timeout: float = 60.0
     io_timeout: float = 60.0
+    max_per_client: int = MAX_PER_CLIENT
 
 
 def log_to_stderr() -> None:
@@ -46,12 +48,13 @@ def open_store(directory: Path, *, index_dir: Path | None = None, access: Mirror
     user's cache, or ``index_dir``)."""
     where = index_dir or default_index_dir(directory)
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        index = HashIndex(where / INDEX_FILE)
+        index = HashIndex(where / INDEX_FILE)  # the directory is created 0700, the database 0600
     except (OSError, Exception) as exc:  # sqlite3.Error included
         if index_dir is not None:
-            raise errors.NotWritableError(f"Cannot open the hash index in {where}: {exc}.",
-                                          hint="Pick a writable --index-dir.") from exc
+            hint = ("Pick an --index-dir that you own: the index holds the hashes the mirror announces, so "
+                    "only the serving user may write it." if isinstance(exc, IndexNotTrusted)
+                    else "Pick a writable --index-dir.")
+            raise errors.NotWritableError(f"Cannot open the hash index in {where}: {exc}.", hint=hint) from exc
         logging.getLogger("qtk.mirror").warning("hash index kept in memory only (%s not writable: %s)", where, exc)
         index = HashIndex(None)
     return MirrorStore(directory, index=index, exclude=[access.source] if access and access.source else ())
@@ -75,7 +78,7 @@ def make_server(store: MirrorStore, host: str, port: int, *, access: MirrorAuth 
                             trusted_proxies=trusted_proxies, workers=options.workers,
                             max_connections=options.max_connections, max_pending=options.max_pending,
                             header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
-                            io_timeout=options.io_timeout)
+                            io_timeout=options.io_timeout, max_per_client=options.max_per_client)
     except OSError as exc:
         raise errors.UsageError(f"Cannot listen on {host}:{port}: {exc.strerror}.",
                                 hint="Pick another --port (or 0 for a free one).") from exc
