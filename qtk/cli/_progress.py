@@ -95,7 +95,9 @@ class StepProgress:
         self._live: Progress | None = None
         self._task: TaskID | None = None
 
-    def __call__(self, stage: str, done: int, total: int, peak_bytes: int | None = None) -> None:
+    def __call__(self, stage: str, done: int, total: int, peak_bytes: int | None = None,
+                 unit: str | None = None) -> None:
+        """``unit``: also show the rate, ``N.N <unit>/s`` (verify's tasks: documents per second)."""
         if not self.enabled:
             return
         if stage != self._stage:
@@ -107,7 +109,7 @@ class StepProgress:
                                       redirect_stdout=False, redirect_stderr=False)  # backends' prints stay in the log
                 self._live.start()
                 self._task = self._live.add_task(f"  {stage}", total=total, status="")
-        status = self._status(done, total, peak_bytes)
+        status = self._status(done, total, peak_bytes, unit)
         if self._live is not None and self._task is not None:
             self._live.update(self._task, completed=done, total=total, status=status)
             return
@@ -116,9 +118,11 @@ class StepProgress:
             self._quarter = quarter
             self.console.print(f"  {stage}: {status}", markup=False, highlight=False)
 
-    def _status(self, done: int, total: int, peak_bytes: int | None) -> str:
+    def _status(self, done: int, total: int, peak_bytes: int | None, unit: str | None = None) -> str:
         elapsed = time.monotonic() - self._t0
         parts = [f"{done}/{total}", _duration(elapsed)]
+        if unit and done and elapsed > 0:
+            parts.append(f"{done / elapsed:.1f} {unit}/s")
         if 0 < done < total:
             parts.append(f"ETA {_duration(elapsed / done * (total - done))}")
         if peak_bytes:

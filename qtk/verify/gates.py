@@ -34,6 +34,19 @@ def _kl(m: dict, key: str, scale: float = 1.0) -> float | None:
     return None if not kl or kl.get(key) is None else kl[key] * scale
 
 
+def _recovery(m: dict) -> float | None:
+    """Task accuracy recovery over all --tasks (qtk.verify.tasks.recovery: None when any is missing)."""
+    return (m.get("recovery") or {}).get("overall")
+
+
+def _worst_task(m: dict) -> tuple[str, float | None] | None:
+    per = (m.get("recovery") or {}).get("tasks") or {}
+    if not per:
+        return None
+    bad = [(t, v) for t, v in per.items() if v is None or not math.isfinite(v)]  # fails first, named
+    return bad[0] if bad else min(per.items(), key=lambda kv: kv[1])
+
+
 @dataclass(frozen=True)
 class Gate:
     name: str  # the Gates field and the manifest key
@@ -46,17 +59,20 @@ class Gate:
     fmt: str = ".4f"
     unit: str = ""
     upper: float | None = None  # the highest limit that means anything (a share: 100)
+    detail: Callable[[dict], str | None] | None = None  # names what the metric came from (the worst task)
 
     def failure(self, m: dict, limit: float) -> str | None:
         """Why the candidate row ``m`` fails this gate at ``limit``, or None."""
         value = self.metric(m)
+        where = f" ({d})" if self.detail and (d := self.detail(m)) else ""
+        label = self.label + where
         if value is None:
-            return self.missing
+            return self.missing + where
         if not math.isfinite(value):
-            return f"{self.label} is not a finite number ({value})"
+            return f"{label} is not a finite number ({value})"
         if value > limit if self.direction == "max" else value < limit:
             sign = ">" if self.direction == "max" else "<"
-            return f"{self.label} {value:{self.fmt}}{self.unit} {sign} {limit}{self.unit}"
+            return f"{label} {value:{self.fmt}}{self.unit} {sign} {limit}{self.unit}"
         return None
 
 
@@ -69,6 +85,15 @@ GATES: tuple[Gate, ...] = (
     Gate("min_top1_pct", "--min-top1", "top-1 agreement", "min", lambda m: _kl(m, "top1_agreement", 100.0),
          "top-1 not measurable", "Gate: top-1 agreement with the reference at least PCT%.",
          fmt=".1f", unit="%", upper=100.0),
+    Gate("min_recovery_pct", "--min-recovery", "task accuracy recovery", "min", _recovery,
+         "task accuracy recovery not measured (no --tasks, or a task's accuracy missing or not finite)",
+         "Gate: candidate/reference accuracy on --tasks, averaged over the tasks, at least PCT%.",
+         fmt=".1f", unit="%"),
+    Gate("min_task_recovery_pct", "--min-task-recovery", "task accuracy recovery", "min",
+         lambda m: (_worst_task(m) or (None, None))[1],
+         "task accuracy recovery not measured (no --tasks, or a task's accuracy missing or not finite)",
+         "Gate: candidate/reference accuracy on every --tasks task at least PCT%.",
+         fmt=".1f", unit="%", detail=lambda m: (_worst_task(m) or (None, None))[0]),
 )
 BY_NAME = {g.name: g for g in GATES}
 
@@ -93,6 +118,8 @@ class Gates:
     max_ppl_increase_pct: float | None = None
     max_kld: float | None = None
     min_top1_pct: float | None = None
+    min_recovery_pct: float | None = None
+    min_task_recovery_pct: float | None = None
     require_smoke: bool = False
 
     def __post_init__(self) -> None:

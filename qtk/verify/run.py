@@ -38,6 +38,10 @@ class VerifyOptions:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    tasks: tuple[str, ...] = ()  # lm-eval task names (qtk.verify.tasks): accuracy per task, recovery vs the reference
+    tasks_dir: str | None = None  # more task YAMLs (local data: dataset_path json)
+    limit: int | None = None  # documents per task (the first N)
+    num_fewshot: int | None = None  # None: each task's own default
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ModelReport:
     gate_failures: list[str] = field(default_factory=list)
     cuda_max_allocated_bytes: int | None = None
     ppl_increase_pct: float | None = None  # vs the reference; computed here once, read by gates, report, provision
+    tasks: dict | None = None  # task name -> accuracy, stderr, documents, docs/s (qtk.verify.tasks)
+    recovery: dict | None = None  # candidates: {"tasks": {name: pct}, "overall": pct} (qtk.verify.tasks.recovery)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -84,7 +90,7 @@ class _Pass:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _no_progress(stage: str, done: int, total: int, peak_bytes: int | None = None) -> None:
+def _no_progress(stage: str, done: int, total: int, peak_bytes: int | None = None, **_) -> None:
     pass
 
 
@@ -145,6 +151,13 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
     n_ctx = max(opts.ctx, 4096)
     local = {r.spec: detect_format(r.path) for r in refs if r.path is not None}
     _check_memory(specs, local, device, opts.ctx)
+    taskset = None
+    if opts.tasks:  # found, datasets read, documents built: a typo fails before the first model loads
+        from .tasks import load_tasks
+
+        log(f"loading tasks: {', '.join(opts.tasks)}")
+        with stdout_to_stderr():
+            taskset = load_tasks(opts.tasks, opts.tasks_dir)
     models: list[tuple[str, Model, int | None]] = []
     for i, spec in enumerate(specs):
         before = _rss_bytes()
@@ -180,6 +193,12 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
             rep.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         reports.append(rep)
+    if taskset is not None:
+        from .tasks import evaluate_all, recovery
+
+        for rep, res in zip(reports, evaluate_all([m for _, m, _ in models], taskset, opts, n_ctx, progress)):
+            rep.tasks = res
+            rep.recovery = None if rep is reports[0] else recovery(reports[0].tasks, res)
     ref_ppl = reports[0].perplexity["ppl"]
     for rep in reports[1:]:  # a reference without a finite perplexity measures nothing: NaN, which fails the gate
         rep.ppl_increase_pct = (rep.perplexity["ppl"] / ref_ppl - 1) * 100 if math.isfinite(ref_ppl) else math.nan
@@ -188,7 +207,9 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
         "protocol": {"ctx": opts.ctx, "scored": "second half of each window", "max_tokens": opts.max_tokens,
                      "text": opts.text, "text_sha256": text_sha, "bos": "as each model's tokenizer adds it",
                      "kl_on": "the reference's token ids", "smoke_max_new_tokens": opts.max_new_tokens,
-                     "temperature": opts.temperature, "top_p": opts.top_p, "seed": opts.seed},
+                     "temperature": opts.temperature, "top_p": opts.top_p, "seed": opts.seed,
+                     **({"tasks": taskset.protocol(limit=opts.limit, seed=opts.seed, num_fewshot=opts.num_fewshot)}
+                        if taskset is not None else {})},
         "hardware": {"device": device, "machine": platform.machine(), "processor": platform.processor(),
                      "python": platform.python_version()},
         "versions": _versions(),
@@ -239,7 +260,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"qtk": __version__}
-    for d in ("torch", "transformers", "gptqmodel", "bitsandbytes", "llama_cpp_python"):
+    for d in ("torch", "transformers", "gptqmodel", "bitsandbytes", "llama_cpp_python", "lm_eval"):
         try:
             out[d] = md.version(d.replace("_", "-"))
         except md.PackageNotFoundError:
