@@ -8,8 +8,10 @@ device topology; a mismatch is refused there.
 
 qtk puts that directory under the run's ``work_dir`` (``.<output>.qtk-work/``, beside the output, kept
 after a crash or Ctrl-C and removed after success) and adds its own identity in front of it (qtk
-options, calibration token ids, source files, versions): a changed input or option discards the old
-checkpoint and starts afresh instead of failing; so does a checkpoint GPTQModel refuses to restore.
+options, calibration token ids, source files, versions, torch's thread count: GPTQ's bytes on the CPU
+depend on it, and a run killed under one count and finished under another wrote layers that match
+neither): a changed input or option discards the old checkpoint and starts afresh instead of failing;
+so does a checkpoint GPTQModel refuses to restore.
 Where GPTQModel cannot checkpoint (an architecture without a state adapter, e.g. anything but
 llama/qwen3_moe in 7.6), the run goes on without one and the provenance says why. While a checkpointed
 run is in flight, GPTQModel turns Ctrl-C/SIGTERM into a stop at the next layer boundary; qtk then exits
@@ -78,10 +80,20 @@ def _qtk_code() -> dict:
     return {"version": __version__, "quantize_sources_sha256": digest.hexdigest(), "env": env}
 
 
+def torch_threads() -> int:
+    """torch's intra-op thread count: GPTQ's bytes depend on it on the CPU (measured on SmolLM2's first 2
+    layers: 1 thread vs 2 changed 28 of 62 tensors; matrix products split their sums by thread), so a
+    checkpoint written under one count must not be finished under another (the layers after the resume
+    would match neither run)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_identity(ctx: RunContext, method: str, run_args: dict | None = None) -> dict:
     """What must be equal for a checkpoint to be resumed: method and options, the calibration token ids,
-    the source weight files (name, size, mtime), the library versions, qtk's own code and the arguments of
-    GPTQModel's ``quantize`` (``run_args``: batch size, backend)."""
+    the source weight files (name, size, mtime), the library versions, qtk's own code, the arguments of
+    GPTQModel's ``quantize`` (``run_args``: batch size, backend) and torch's thread count."""
     ids = hashlib.sha256(json.dumps(ctx.samples.input_ids if ctx.samples else None).encode()).hexdigest()
     files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in ctx.model.weight_files]
     versions = {}
@@ -90,7 +102,8 @@ def run_identity(ctx: RunContext, method: str, run_args: dict | None = None) -> 
             versions[dist] = importlib.metadata.version(dist)
     identity = {"method": method, "options": ctx.options.to_dict(), "device": ctx.device, "calibration_ids": ids,
                 "source": {"path": str(ctx.model.path), "files": files}, "versions": versions,
-                "qtk": _qtk_code(), "run_args": {k: str(v) for k, v in sorted((run_args or {}).items())}}
+                "qtk": _qtk_code(), "run_args": {k: str(v) for k, v in sorted((run_args or {}).items())},
+                "torch_threads": torch_threads()}
     return json.loads(json.dumps(identity))  # as it reads back from disk (tuples -> lists)
 
 

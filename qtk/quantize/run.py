@@ -27,6 +27,7 @@ from ..devices import resolve_device
 from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from ._output import OutputRun, recover
+from ._output import OutputRun, recover
 from .calibration import Samples, build_samples, load_calibration
 from .registry import get_method, method_spec
 from .source import SourceModel, file_sha256, resolve_model
@@ -303,6 +304,7 @@ def quantize(
             "calibration": samples.to_dict() if samples else None,
             "versions": {**method.versions(), "qtk": __version__, "python": platform.python_version()},
             "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
+            "torch_threads": torch.get_num_threads(),  # the CPU's share of the bytes depends on it (GPTQ)
             "method_details": details or {},
             "quantize_s": round(run_s, 2),
             "wall_s": round(time.monotonic() - t0, 2),
