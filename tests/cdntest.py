@@ -217,6 +217,9 @@ class CdnFaults:
     corrupt: int = 0  # next responses carrying corrupt_offset get that byte flipped
     corrupt_offset: int = 12345
     ignore_range: bool = False  # answer 200 with the whole file to every Range request
+    drips: int = 0  # next responses trickle their body one byte every drip_s (until stall_release)
+    drip_head: bool = False  # ... and their status line and headers too
+    drip_s: float = 1.5
     head_status: int = 403  # S3 presigned GET URLs refuse HEAD (403); some servers say 405
     mu: threading.Lock = field(default_factory=threading.Lock)
     _window_until: float = 0.0
@@ -302,6 +305,8 @@ class CdnHandler(BaseHTTPRequestHandler):
                 start, end, status = int(first), min(int(last) if last.isdigit() else size - 1, size - 1), 206
         self.entry.status = status
         length = end - start + 1
+        if f.take("drips"):
+            return self._drip(blob, status, start, end, size)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
@@ -330,6 +335,26 @@ class CdnHandler(BaseHTTPRequestHandler):
                     ahead = sent / f.throttle_bps - (time.monotonic() - t0)
                     if ahead > 0:
                         time.sleep(ahead)
+
+    def _drip(self, blob: Path, status: int, start: int, end: int, size: int) -> None:
+        """A server that never stalls long enough for a read timeout: one byte every ``drip_s`` (the head
+        too with ``drip_head``), until the client goes away or the test releases it."""
+        srv, f = self.server, self.server.faults
+        head = [f"HTTP/1.1 {status} {'Partial Content' if status == 206 else 'OK'}",
+                "Content-Type: application/octet-stream", f"Content-Length: {end - start + 1}", "Accept-Ranges: bytes"]
+        if status == 206:
+            head.append(f"Content-Range: bytes {start}-{end}/{size}")
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode()
+        if not f.drip_head:
+            self.connection.sendall(head_bytes)
+            head_bytes = b""
+        with open(blob, "rb") as fh:
+            data = head_bytes + os.pread(fh.fileno(), end - start + 1, start)
+        for i in range(len(data)):
+            if srv.stall_release.wait(f.drip_s):
+                break
+            self.connection.sendall(data[i:i + 1])
+        self._reset()
 
     def _reset(self) -> None:
         with contextlib.suppress(OSError):

@@ -30,7 +30,9 @@ the URLs work; fresh URLs refused before serving a byte end the pull after a few
 
 Every wait is bounded (see :mod:`qtk.hub._retry`): connect/read timeouts, ``Retry-After`` honoured
 up to a cap and shared by all connections to that origin, a fixed number of attempts without
-progress. A server that ignores ``Range`` gets the file in one stream. A full disk stops the pull
+progress, and a minimum transfer rate per connection (:mod:`qtk.hub._rate`: a response head within the
+read timeout in total, a body of at least ``QTK_MIN_RATE`` bytes/s over ``QTK_MIN_RATE_WINDOW``; a slow
+connection is cut and its range restarted, at most ``QTK_SLOW_RESTARTS`` times). A server that ignores ``Range`` gets the file in one stream. A full disk stops the pull
 with :class:`~qtk.errors.DiskSpaceError` (exit 40) and keeps the partial for the next run.
 
 urllib3 carries the bytes (measured 3-5x cheaper per byte than httpx here). Redirects are followed
@@ -62,6 +64,8 @@ import urllib3
 from .. import errors
 from ._errors import HubContext, error_for_status, public_text, public_url
 from ._lock import Lock, Locker, LockWaitTimeout
+from ._rate import MinRate, RateGuard, SlowTransfer
+from ._rate import install as watch_connections
 from ._retry import RETRY_STATUS, RetryPolicy, parse_retry_after
 
 __all__ = [
@@ -144,6 +148,7 @@ class FetchStats:
     retries: int = 0
     resolves: int = 0  # download URLs resolved on the endpoint (a signed URL that expired costs one)
     refetches: int = 0  # whole-file re-downloads after a hash mismatch
+    slow_restarts: int = 0  # connections cut for being slower than the minimum rate (QTK_MIN_RATE)
     wall_s: float = 0.0
 
     def to_dict(self) -> dict:
@@ -443,7 +448,9 @@ class Fetcher:
         self.lock_timeout = lock_timeout
         self.stats = FetchStats()
         self._stats_mu = threading.Lock()
-        self._pool = urllib3.PoolManager(num_pools=8, maxsize=connections, block=False, retries=False)
+        self.min_rate = MinRate.from_env()
+        self._guard = RateGuard(self.min_rate, head_limit=timeout[1], transient=(_Retryable,))
+        self._pool = watch_connections(urllib3.PoolManager(num_pools=8, maxsize=connections, block=False, retries=False))
         self._work: queue.Queue = queue.Queue()
         self._hash_q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -681,7 +688,7 @@ class Fetcher:
             self._hash_q.put(task)
 
     def _fetch_chunk(self, task: _FileTask, i: int, gen: int, buf: bytearray) -> None:
-        attempts = 0
+        attempts = slow = 0
         expired: int | None = None  # the URL version a GET was refused with
         while True:
             if self._stop.is_set():
@@ -700,9 +707,25 @@ class Fetcher:
                 return
             except _Expired as exc:
                 expired = exc.version
+            except SlowTransfer as exc:  # cut by the rate guard: again on a new connection, a few times
+                slow += 1
+                self._slow_restart(task, exc, slow)
             except _Retryable as exc:
                 attempts = 1 if task.partial.get(i, 0) > before else attempts + 1
                 self._wait_to_retry(task, exc, attempts)
+
+    def _slow_restart(self, task: _FileTask, exc: SlowTransfer, slow: int) -> None:
+        if self._stop.is_set():
+            raise _Stop
+        if slow > self.min_rate.restarts:
+            raise errors.NetworkError(
+                f"{exc.where} sent {task.job.key} too slowly on {slow} connection(s) in a row: {exc.reason}.",
+                hint="The server is overloaded, throttling or hostile: re-run later (finished bytes are kept and "
+                "the download resumes). On a slow link, use fewer --connections or lower QTK_MIN_RATE "
+                "(bytes/s per connection; 0 turns the check off).",
+            )
+        with self._stats_mu:
+            self.stats.slow_restarts += 1
 
     def _wait_to_retry(self, task: _FileTask, exc: _Retryable, attempts: int) -> None:
         if attempts >= MAX_ATTEMPTS:
@@ -760,7 +783,8 @@ class Fetcher:
         to another origin ends the walk: that URL is for GETs only (no HEAD, no token)."""
         url = task.job.url
         for _ in range(10):
-            r = self._request("HEAD", url, self._headers(url))
+            with self._guard.watch(public_url(url, path=False)):
+                r = self._request("HEAD", url, self._headers(url))
             location = r.headers.get("Location")
             if r.status in _REDIRECT_STATUS and location:
                 url = urljoin(url, location)
@@ -833,34 +857,36 @@ class Fetcher:
                 self._chunk_done(task, i, gen)
                 return
             headers = self._headers(url, None if task.single else {"Range": f"bytes={pos}-{end - 1}"})
-            r = self._request("GET", url, headers, preload=False)
-            try:
-                if task.gen != gen:  # re-planned while this request was on its way
-                    raise _Stale
-                if r.status == 206 and not task.single:
-                    self._check_content_range(task, r, pos, end)
-                elif r.status == 200 and (whole or task.single):
-                    self._check_length(task, r)
-                    if pos:  # the body starts at byte 0 again
-                        pos = 0
-                        with task.mu:
-                            task.partial.pop(i, None)
-                elif r.status == 200:
-                    self._plan_single_stream(task, gen)
-                    raise _Stale
-                elif r.status in _REDIRECT_STATUS or r.status >= 400:
-                    self._raise_http(task, r, url, version)
-                else:
-                    raise _Retryable(f"unexpected HTTP {r.status} from {public_url(url, path=False)}")
-                task.url_worked = version
-                pos = self._read_body(task, r, i, gen, start, pos, end, buf)
-            finally:
-                if pos >= end:
-                    r.release_conn()
-                elif r.status >= 400:
-                    r.drain_conn()
-                else:
-                    r.close()
+            with self._guard.watch(public_url(url, path=False)) as watched:
+                r = self._request("GET", url, headers, preload=False)
+                try:
+                    if task.gen != gen:  # re-planned while this request was on its way
+                        raise _Stale
+                    if r.status == 206 and not task.single:
+                        self._check_content_range(task, r, pos, end)
+                    elif r.status == 200 and (whole or task.single):
+                        self._check_length(task, r)
+                        if pos:  # the body starts at byte 0 again
+                            pos = 0
+                            with task.mu:
+                                task.partial.pop(i, None)
+                    elif r.status == 200:
+                        self._plan_single_stream(task, gen)
+                        raise _Stale
+                    elif r.status in _REDIRECT_STATUS or r.status >= 400:
+                        self._raise_http(task, r, url, version)
+                    else:
+                        raise _Retryable(f"unexpected HTTP {r.status} from {public_url(url, path=False)}")
+                    task.url_worked = version
+                    pos = self._read_body(task, r, i, gen, start, pos, end, buf)
+                finally:
+                    if pos >= end:
+                        r.release_conn()
+                    elif r.status >= 400:
+                        with watched.opaque():  # an error body, dripped, must not hold the worker either
+                            r.drain_conn()
+                    else:
+                        r.close()
             self._chunk_done(task, i, gen)
         finally:
             with task.changed:
@@ -912,14 +938,15 @@ class Fetcher:
         fd = task.fd
         body = _BodyReader(r, end - pos)
         readinto = body.readinto
+        watched = RateGuard.current()  # sizes and accounts each read (the minimum rate)
         while pos < end:
             if self._stop.is_set():
                 raise _Stop
             if task.gen != gen:
                 raise _Stale
-            want = min(READ_SIZE, end - pos)
+            want = min(watched.read_size(READ_SIZE) if watched else READ_SIZE, end - pos)
             try:
-                n = readinto(mv[:want])
+                n = watched.readinto(readinto, mv[:want]) if watched else readinto(mv[:want])
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from None
             if not n:
@@ -1085,6 +1112,7 @@ class Fetcher:
                     last_sync = now if sync else last_sync
 
     def _shutdown(self, workers: list[threading.Thread], hasher: threading.Thread) -> None:
+        self._guard.close()  # reads still in flight (the pull failed or was stopped) return now
         if self._stop.is_set():
             with contextlib.suppress(queue.Empty):
                 while True:
