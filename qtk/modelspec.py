@@ -39,13 +39,22 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.lower().endswith(_FILE_SUFFIXES)
 
 
+def _lone_gguf(path: Path) -> Path | None:
+    """A directory without config.json holding exactly one .gguf file (what ``qtk quantize --method gguf``
+    makes for one type) stands for that file."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = list(path.glob("*.gguf"))
+    return found[0] if len(found) == 1 else None
+
+
 def parse_spec(spec: str, *, gguf_file: str | None = None) -> ModelRef:
     """Classify ``spec`` without touching the network; a path-like spec that does not exist is an error."""
     if not spec or not spec.strip():
         raise errors.UsageError("Empty model spec.", hint="Give a checkpoint directory, a .gguf file or a repo id.")
     path = Path(spec).expanduser()
     if path.exists():
-        return ModelRef(spec, path, None, None)
+        return ModelRef(spec, _lone_gguf(path) or path, None, None)
     repo, sep, file = spec.partition(":")
     if sep and not _looks_like_path(repo) and repo.count("/") == 1:
         return ModelRef(spec, None, repo, file or None)
@@ -70,8 +79,13 @@ def check_spec(spec: str, *, gguf_file: str | None = None, must_be_model: bool =
     p = ref.path
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise errors.ModelFormatError(f"{p} has no config.json: not a Hugging Face checkpoint.",
-                                          hint="Give the checkpoint directory (the one with config.json), or a .gguf file.")
+            ggufs = sorted(f.name for f in p.glob("*.gguf"))
+            raise errors.ModelFormatError(
+                f"{p} has no config.json: not a Hugging Face checkpoint"
+                + (f"; it holds {len(ggufs)} GGUF files ({', '.join(ggufs[:4])}{'...' if len(ggufs) > 4 else ''})."
+                   if ggufs else "."),
+                hint="Pass one of the .gguf files (e.g. out/*.gguf)." if ggufs else
+                "Give the checkpoint directory (the one with config.json), or a .gguf file.")
         try:
             with open(p / "config.json", "rb"):
                 pass

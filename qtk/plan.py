@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import errors
 from .hfload import read_config
+from .quantize.gguf_types import FILE_TYPES as _GGUF_TYPES
+from .quantize.gguf_types import GGML_TYPES as _GGML_TYPES
 
 __all__ = ["ModelShape", "FORMATS", "GPUS", "shape_from_config", "weight_bytes", "kv_bytes", "plan",
            "parse_context", "parse_gpus", "load_config"]
@@ -35,6 +37,12 @@ class Format:
     description: str
     linear_bits: float  # bits per weight of the decoder's linear layers, scales/zeros included
     other_bits: float  # embeddings, lm_head, norms
+    gguf: str | None = None  # a GGUF file type (Q4_K_M): sized tensor by tensor as llama.cpp's quantizer types them
+
+
+def _type_bits(ggml_type: str) -> float:
+    _, block, size = _GGML_TYPES[ggml_type]
+    return size * 8 / block
 
 
 def _group_bits(group: int, zero_bits: float) -> float:
@@ -42,8 +50,9 @@ def _group_bits(group: int, zero_bits: float) -> float:
     return 4 + (16 + zero_bits) / group
 
 
-# GGUF types: average bits per weight over the whole file, as llama.cpp reports them for Llama-3 8B
-# (k-quant mixes keep some tensors at higher precision); applied to every tensor.
+# GGUF types: each tensor sized at the type llama_model_quantize gives it (qtk.quantize.gguf_types: llama.cpp's
+# type table and its per-tensor mix rules; a K-quant mix keeps some tensors at more bits, rows whose width the
+# 256-block does not divide fall back to 32-block types). linear_bits: the file type's base type, for display.
 FORMATS = {f.name: f for f in [
     Format("bf16", "16-bit (BF16/FP16)", 16, 16),
     Format("fp8", "8-bit FP8 (params x 1 byte)", 8, 8),
@@ -61,13 +70,8 @@ FORMATS = {f.name: f for f in [
            "embeddings/lm_head 16-bit)", 8.01, 16),
     Format("int8-w8a8", "INT8 per-channel, dynamic per-token activations (compressed-tensors; "
            "embeddings/lm_head 16-bit)", 8.01, 16),
-    Format("gguf-q8_0", "GGUF Q8_0", 8.5, 8.5),
-    Format("gguf-q6_k", "GGUF Q6_K", 6.56, 6.56),
-    Format("gguf-q5_k_m", "GGUF Q5_K_M (mix)", 5.70, 5.70),
-    Format("gguf-q4_k_m", "GGUF Q4_K_M (mix)", 4.89, 4.89),
-    Format("gguf-q4_0", "GGUF Q4_0", 4.5, 4.5),
-    Format("gguf-q3_k_m", "GGUF Q3_K_M (mix)", 3.91, 3.91),
-    Format("gguf-q2_k", "GGUF Q2_K (mix)", 3.35, 3.35),
+    *(Format(f"gguf-{t.name.lower()}", f"GGUF {t.name} ({t.description})", _type_bits(t.default),
+             _type_bits(t.default), gguf=t.name) for t in _GGUF_TYPES.values()),
 ]}
 
 
@@ -153,7 +157,25 @@ def shape_from_config(cfg: dict) -> ModelShape:
     )
 
 
+def gguf_weight_bytes(shape: ModelShape, gguf_type: str, *, imatrix: bool = True) -> int:
+    """Bytes of the tensors of a GGUF file of ``gguf_type`` (metadata and the tokenizer, a few MB, not
+    counted): llama.cpp's converter's tensors, each at the type llama_model_quantize picks for it."""
+    from .quantize.gguf_types import decoder_tensors, file_type, planned_types, tensor_bytes
+
+    tensors = decoder_tensors(vocab=shape.vocab, hidden=shape.hidden, layers=shape.layers, heads=shape.heads,
+                              kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=shape.intermediate,
+                              tied=shape.tied_embeddings, experts=shape.experts,
+                              expert_intermediate=shape.expert_intermediate,
+                              shared_expert_intermediate=shape.shared_expert_intermediate,
+                              attention_bias=shape.attention_bias)
+    types = planned_types(tensors, file_type(gguf_type), n_layer=shape.layers, heads=shape.heads,
+                          kv_heads=shape.kv_heads, experts=shape.experts, has_imatrix=imatrix)
+    return sum(tensor_bytes(t, types[t.name]) for t in tensors)
+
+
 def weight_bytes(shape: ModelShape, fmt: Format) -> int:
+    if fmt.gguf:
+        return gguf_weight_bytes(shape, fmt.gguf)
     other = shape.total - shape.linear
     return math.ceil(shape.linear * fmt.linear_bits / 8 + other * fmt.other_bits / 8)
 

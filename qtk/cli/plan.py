@@ -86,5 +86,5 @@ def _print(r: dict) -> None:
         t.add_row(row["format"], f"{row['weight_GB']:.2f}",
                   *[f"{row['min_gpus'][g]}x" if g in row["min_gpus"] else "[red]no[/red]" for g in gpus])
     con.print(t)
-    con.print("'Nx': tensor-parallel over N GPUs; 'no': not even over 8. GGUF sizes use llama.cpp's average "
-              "bits per weight; GPTQ/AWQ/NF4 keep embeddings and lm_head in 16-bit.")
+    con.print("'Nx': tensor-parallel over N GPUs; 'no': not even over 8. GGUF sizes: each tensor at the type "
+              "llama.cpp's quantizer gives it (metadata not counted); GPTQ/AWQ/NF4 keep embeddings and lm_head in 16-bit.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,14 @@ class QuantizeOptions:
     device: str = "auto"
     smooth: bool = True  # W8A8: SmoothQuant smoothing from the calibration set (--no-smooth: off)
     smooth_alpha: float = 0.5  # W8A8: SmoothQuant's migration strength, 0..1
+    gguf_type: tuple[str, ...] = ()  # GGUF: the file types to make (Q4_K_M...); a string is one type
+    imatrix: bool = True  # GGUF: quantize with an importance matrix from the calibration set (--no-imatrix: off)
+
+    def __post_init__(self) -> None:
+        # one spelling of the GGUF types whatever the source (CLI tuple, manifest string or list): upper case,
+        # first occurrence kept, so that provision's keys and the file names agree
+        types = (self.gguf_type,) if isinstance(self.gguf_type, str) else tuple(self.gguf_type or ())
+        object.__setattr__(self, "gguf_type", tuple(dict.fromkeys(str(t).strip().upper() for t in types)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +63,8 @@ class RunContext:
     out: Path  # a temporary directory; the pipeline renames it into place
     # survives an interrupted run (same -o), removed after success: a method's resume checkpoint
     work_dir: Path | None = None
+    # progress(stage, done, total, peak bytes) for a method that reports its own steps (reports_progress)
+    progress: Callable[[str, int, int, int | None], None] | None = None
 
 
 class Method(ABC):
@@ -67,6 +78,12 @@ class Method(ABC):
     modules: tuple[str, ...]  # import names that must be present
     extra: str  # qtk extra that installs them
     devices: tuple[str, ...] = ("cuda", "cpu")
+    # True: run() reports its own stages through ctx.progress (GGUF: conversion, imatrix batches, each type);
+    # False: the pipeline reports decoder layers i/N as they first run
+    reports_progress: bool = False
+    # True: run() writes a transformers checkpoint (config.json with the standard quantization_config, which the
+    # pipeline checks, tokenizer files copied beside it); False: files of the method's own format (GGUF)
+    writes_checkpoint: bool = True
 
     def unavailable_reason(self) -> str | None:
         missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
@@ -93,6 +110,16 @@ class Method(ABC):
 
     def sym(self, options: QuantizeOptions) -> bool:
         return self.default_sym if options.sym is None else options.sym
+
+    def label(self, options: QuantizeOptions) -> str:
+        """What this run makes, for the pipeline's log line (``4-bit, group 128, sym``)."""
+        group = f", group {options.group_size}" if self.uses_group_size else ""
+        return f"{options.bits}-bit{group}, {'sym' if self.sym(options) else 'asym'}"
+
+    def model_card(self, model: SourceModel, provenance: dict) -> str | None:
+        """The output's README.md when the method has its own (GGUF: how to run it in llama.cpp and Ollama);
+        None: the pipeline's card for a transformers checkpoint."""
+        return None
 
     def calibrates(self, options: QuantizeOptions) -> bool:
         """Whether this run reads calibration samples (W8A8 only when it smooths); the pipeline builds

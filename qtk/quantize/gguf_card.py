@@ -33,7 +33,8 @@ def model_card(model: SourceModel, prov: dict) -> str:
         f"`convert_hf_to_gguf.py` (llama.cpp {conv['llama_cpp_commit']}, carried by qtk), quantized by "
         f"`llama_model_quantize` (llama-cpp-python {prov['versions'].get('llama-cpp-python', '?')}).",
         "",
-        f"- source: {src}",
+        f"Source: {src}",
+        "",
         *_files_table(files, model.num_params),
         "",
     ]

@@ -98,6 +98,16 @@ register(MethodSpec(
     memory_model="whole_model", weights="int8-w8a8", cpu_seconds_per_mparam=0.3,
     summary="compressed-tensors INT8 W8A8 for vLLM (per-channel weights, dynamic per-token activations), "
             "SmoothQuant-smoothed from calibration (--no-smooth); Python >= 3.11"))
+# GGUF files for llama.cpp / Ollama: llama.cpp's converter (vendored), an importance matrix collected over the whole
+# model (BF16 on AMX/AVX512-BF16 CPUs and GPUs, else FP32), llama_model_quantize per type. weights: the BF16
+# conversion, the largest file a GGUF build writes (every type is made from it). CPU time measured on SmolLM2-135M,
+# conversion + 64 x 256-token imatrix + Q4_K_M (BENCHMARKS.md "GGUF export").
+register(MethodSpec(
+    "gguf", "qtk.quantize.gguf:GGUF", "gguf",
+    reads=("gguf_type", "imatrix", *CALIBRATION_OPTIONS),
+    memory_model="whole_model", weights="gguf-bf16", cpu_seconds_per_mparam=0.3,
+    summary="GGUF files for llama.cpp/Ollama (--gguf-type Q4_K_M, repeatable), importance matrix from the "
+            "calibration set (--no-imatrix)"))
 
 
 def method_names() -> tuple[str, ...]:

@@ -27,7 +27,6 @@ from ..devices import resolve_device
 from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from ._output import OutputRun, recover
-from ._output import OutputRun, recover
 from .calibration import Samples, build_samples, load_calibration
 from .registry import get_method, method_spec
 from .source import SourceModel, file_sha256, resolve_model
@@ -262,7 +261,7 @@ def quantize(
             warn(f"Only {len(samples.input_ids)} calibration samples (asked for {options.samples}): --allow-fewer.")
     _check_resources(model, method, options, device, out.parent, warn)  # after the cheap checks, before any load
     log(f"Quantizing {model.repo_id or model.path} ({model.num_params / 1e6:.0f}M params, {model.dtype}) with "
-        f"{method.name} {options.bits}-bit, group {options.group_size}, {'sym' if options.sym else 'asym'} on {device}")
+        f"{method.name} {method.label(options)} on {device}")
 
     run = OutputRun.start(out)  # owner record, then the temporary: see qtk.quantize._output
     tmp = run.tmp
@@ -274,8 +273,9 @@ def quantize(
             torch.cuda.reset_peak_memory_stats()
         t_run = time.monotonic()
         try:
-            with stdout_to_stderr(), _layer_progress(model, device, progress):
-                details = method.run(RunContext(model, options, samples, device, tmp, work_dir=work))
+            layers = contextlib.nullcontext() if method.reports_progress else _layer_progress(model, device, progress)
+            with stdout_to_stderr(), layers:
+                details = method.run(RunContext(model, options, samples, device, tmp, work_dir=work, progress=progress))
         except torch.cuda.OutOfMemoryError as exc:
             raise errors.ResourceError(
                 f"CUDA out of memory while quantizing with {method.name}: {str(exc).splitlines()[0]}",
@@ -285,11 +285,14 @@ def quantize(
             raise errors.ResourceError("Out of CPU memory while quantizing.",
                                        hint="Lower --samples/--seq-len, or use a bigger machine.") from exc
         run_s = time.monotonic() - t_run
-        for name in _COPY_FROM_SOURCE:
-            if (model.path / name).is_file():
-                shutil.copyfile(model.path / name, tmp / name)
-        _drop_build_paths(tmp)
-        qcfg = _check_quantization_config(tmp, method, options)
+        if method.writes_checkpoint:
+            for name in _COPY_FROM_SOURCE:
+                if (model.path / name).is_file():
+                    shutil.copyfile(model.path / name, tmp / name)
+            _drop_build_paths(tmp)
+            qcfg = _check_quantization_config(tmp, method, options)
+        else:  # files of the method's own format (GGUF): run() checked them and described them in its details
+            qcfg = method.expected_config(options)
         prov = {
             "qtk_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -311,7 +314,7 @@ def quantize(
             "peak_rss_bytes": _peak_rss_bytes(),
             "peak_vram_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         }
-        (tmp / "README.md").write_text(_model_card(model, method, prov))
+        (tmp / "README.md").write_text(method.model_card(model, prov) or _model_card(model, method, prov))
         _fs.seal(tmp, PROVENANCE_FILE, json.dumps(prov, indent=2, default=str) + "\n")  # last, durably
         try:
             run.install(overwrite=overwrite)  # --overwrite: swapped, `out` is never half of either, nor missing
