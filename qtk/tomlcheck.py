@@ -5,9 +5,10 @@ One reader for both, so that a manifest and an access file fail closed the same 
 
 * **size**: at most :data:`MAX_BYTES`;
 * **nesting**: at most :data:`MAX_DEPTH` levels. Python's TOML parser recurses once per array or inline
-  table level (50,000 levels is a ``RecursionError``), so the brackets are counted on the text, outside
-  strings and comments, *before* it parses; dotted keys and table headers nest without recursion in the
-  parser, so the parsed data is measured again, iteratively;
+  table level (50,000 levels is a ``RecursionError``) and takes quadratic time in the parts of a dotted
+  key (50,000 parts: a minute), so both are counted on the text, outside strings and comments, *before*
+  it parses; table headers and dotted keys together still nest, so the parsed data is measured again,
+  iteratively;
 * **schema** (:class:`Checker`): an unknown key is refused with a close-match suggestion ("did you mean
   'private'?") and the keys allowed there; a value of the wrong type is refused (``true`` is not a number,
   ``"acme"`` is not an array of strings: :class:`Array`).
@@ -43,10 +44,11 @@ MAX_DEPTH = 32  # a manifest nests 6 levels (models[i].recipes[j].gates.x); an a
 _TOKEN = re.compile(r'''
     (?P<mlb>"""(?:[^"\\]|\\.|"{1,2}(?!"))*(?:"{3,5}|\Z))     # multi-line basic string (escapes)
   | (?P<mll>\'\'\'(?:[^']|'{1,2}(?!'))*(?:'{3,5}|\Z))         # multi-line literal string
-  | "(?:[^"\\\n]|\\[^\n])*"?                                  # basic string
-  | '[^'\n]*'?                                                # literal string
+  | (?P<str>"(?:[^"\\\n]|\\[^\n])*"?                          # basic string
+  | '[^'\n]*'?)                                              # literal string
   | \#[^\n]*                                                  # comment
   | (?P<open>[\[{]) | (?P<close>[\]}]) | (?P<nl>\n)
+  | (?P<dot>\.) | (?P<word>[A-Za-z0-9_+:-]+) | (?P<sep>[=,])
 ''', re.VERBOSE | re.DOTALL)
 _KEY_PART = re.compile(r'[ \t]*(?:([A-Za-z0-9_-]+)|"((?:[^"\\\n]|\\[^\n])*)"|\'([^\'\n]*)\')[ \t]*')
 
@@ -76,22 +78,31 @@ def dotted(path: tuple) -> str:
     return out
 
 
-def _nesting(text: str, limit: int) -> tuple[int | None, set[int]]:
-    """One pass over the text outside strings and comments: (the line where the nesting first exceeds
-    ``limit``, or None; the lines that continue a value: inside brackets or a multi-line string)."""
-    depth, line, inner = 0, 1, set()
+def _nesting(text: str, limit: int) -> tuple[tuple[int, str] | None, set[int]]:
+    """One pass over the text outside strings and comments: ((the line, what) where the nesting first
+    exceeds ``limit``: brackets, or the parts of one dotted key, which tomllib handles in quadratic time;
+    or None), and the lines that continue a value (inside brackets or a multi-line string)."""
+    depth, line, inner, chain, after_dot = 0, 1, set(), 0, False
     for m in _TOKEN.finditer(text):
-        if m.group("nl"):
+        kind = m.lastgroup
+        if kind in ("word", "str"):
+            chain = chain + 1 if after_dot else 1
+            if chain > limit:
+                return (line, f"a dotted key of more than {limit} parts"), inner
+        after_dot = kind == "dot"
+        if kind not in ("word", "str", "dot"):
+            chain = 0
+        if kind == "nl":
             line += 1
             if depth:
                 inner.add(line)
-        elif m.group("open"):
+        elif kind == "open":
             depth += 1
             if depth > limit:
-                return line, inner
-        elif m.group("close"):
+                return (line, f"arrays or inline tables nested deeper than {limit} levels"), inner
+        elif kind == "close":
             depth = max(0, depth - 1)
-        elif m.group("mlb") or m.group("mll"):
+        elif kind in ("mlb", "mll"):
             n = m.group().count("\n")
             inner.update(range(line + 1, line + n + 1))
             line += n
@@ -242,7 +253,7 @@ def read_toml(path: str | Path, *, what: str, error: type[errors.QtkError] = err
         raise error(f"{what} {file} is not UTF-8 text (byte {exc.start}).", hint=hint) from None
     too_deep, inner = _nesting(text, MAX_DEPTH)
     if too_deep is not None:
-        raise error(f"{file}:{too_deep}: arrays or inline tables nested deeper than {MAX_DEPTH} levels.", hint=hint)
+        raise error(f"{file}:{too_deep[0]}: {too_deep[1]}.", hint=hint)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # the message carries "(at line L, column C)"
