@@ -8,11 +8,12 @@
 
 The endpoint is the mirror (``FaultyHandler``) plus: a signed ``Location`` for LFS redirects (HMAC of
 the path and an expiry ``ttl`` seconds ahead, configurable down to ~1 s), a request log, and
-scripted faults per route (429 with ``Retry-After``, a stall, a dropped connection, a redirect, a tree
-listing whose next link points to itself or to another origin). The CDN is a separate small server, like S3/MinIO presigned
-URLs: HEAD is refused (403), an expired or forged signature is 403, a request that also carries
-``Authorization`` is 400; it can answer 429 (also as a rate-limit window), 404, drop or stall a
-body, flip a byte, ignore ``Range``, and throttle each connection. The benchmark imports this too.
+scripted faults per route (429 with ``Retry-After``, a stall, a dropped connection, a redirect, a
+tree listing whose next link points to itself or to another origin). The CDN is a separate small
+server, like S3/MinIO presigned URLs: HEAD is refused (403), an expired or forged signature is 403, a
+request that also carries ``Authorization`` is 400; it can answer 429 (also as a rate-limit window),
+404, drop, stall or trickle a body (or its head), flip a byte, ignore ``Range``, and throttle each
+connection. Request logs look header names up case-insensitively. The benchmark imports this too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from hubtest import FaultyHandler, start_server
 
-__all__ = ["Signer", "RequestLog", "Logged", "Headers", "CdnFaults", "EndpointFaults", "CdnServer", "Topology", "start_topology"]
+__all__ = ["Signer", "RequestLog", "Logged", "Headers",
+            "CdnFaults", "EndpointFaults", "CdnServer", "Topology", "start_topology"]
 
 
 class Signer:

@@ -32,8 +32,9 @@ Every wait is bounded (see :mod:`qtk.hub._retry`): connect/read timeouts, ``Retr
 up to a cap and shared by all connections to that origin, a fixed number of attempts without
 progress, and a minimum transfer rate per connection (:mod:`qtk.hub._rate`: a response head within the
 read timeout in total, a body of at least ``QTK_MIN_RATE`` bytes/s over ``QTK_MIN_RATE_WINDOW``; a slow
-connection is cut and its range restarted, at most ``QTK_SLOW_RESTARTS`` times). A server that ignores ``Range`` gets the file in one stream. A full disk stops the pull
-with :class:`~qtk.errors.DiskSpaceError` (exit 40) and keeps the partial for the next run.
+connection is cut and its range restarted, at most ``QTK_SLOW_RESTARTS`` times). A server that
+ignores ``Range`` gets the file in one stream. A full disk stops the pull with
+:class:`~qtk.errors.DiskSpaceError` (exit 40) and keeps the partial for the next run.
 
 urllib3 carries the bytes (measured 3-5x cheaper per byte than httpx here). Redirects are followed
 by hand so that ``Authorization`` is only ever sent to the endpoint's own origin.
@@ -62,6 +63,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 
 from .. import errors
+from .._fs import write_atomic
 from ._errors import HubContext, error_for_status, public_text, public_url
 from ._lock import Lock, Locker, LockWaitTimeout
 from ._rate import MinRate, RateGuard, SlowTransfer
@@ -254,8 +256,7 @@ def _write_state(path: Path, text: str) -> None:
     # rewrite below then never needs a block the file does not have
     text += " " * (-(len(text) + 1024) % 4096 + 1024)
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text, durable=False, tmp=tmp)  # not fsynced: rewritten many times a second
         return
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -450,7 +451,8 @@ class Fetcher:
         self._stats_mu = threading.Lock()
         self.min_rate = MinRate.from_env()
         self._guard = RateGuard(self.min_rate, head_limit=timeout[1], transient=(_Retryable,))
-        self._pool = watch_connections(urllib3.PoolManager(num_pools=8, maxsize=connections, block=False, retries=False))
+        pool = urllib3.PoolManager(num_pools=8, maxsize=connections, block=False, retries=False)
+        self._pool = watch_connections(pool)  # each connection hands its socket to the rate guard
         self._work: queue.Queue = queue.Queue()
         self._hash_q: queue.Queue = queue.Queue()
         self._stop = threading.Event()

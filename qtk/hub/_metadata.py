@@ -189,17 +189,21 @@ def list_repo_files(endpoint: str, repo_id: str, repo_type: str, commit: str, to
         if nxt is not None:
             nxt = str(r.request.url.join(nxt))
             if _origin(nxt) != _origin(endpoint):
-                raise errors.NetworkError(
-                    f"The file listing of {repo_id} on {ctx.shown_endpoint} continues on another origin: page "
-                    f"{page} links its next page to {public_url(nxt, path=False)}. qtk sends the token to the "
-                    "endpoint only, and takes a listing from the endpoint only.",
-                    hint="Nothing was downloaded. The server (or a proxy in front of it) builds wrong links: "
-                    "check HF_ENDPOINT (scheme, host and port as the server knows itself), or report it.",
-                )
+                raise _elsewhere(ctx, repo_id, page, nxt)
             if nxt in requested or str(httpx2.URL(nxt)) in requested:
                 raise _loop(ctx, repo_id, page, f"the next-page link points back to {public_url(nxt)}")
         url, params = nxt, None
     return files
+
+
+def _elsewhere(ctx: HubContext, repo_id: str, page: int, nxt: str) -> errors.NetworkError:
+    return errors.NetworkError(
+        f"The file listing of {repo_id} on {ctx.shown_endpoint} continues on another origin: page {page} links "
+        f"its next page to {public_url(nxt, path=False)}. qtk sends the token to the endpoint only, and takes a "
+        "listing from the endpoint only.",
+        hint="Nothing was downloaded. The server (or a proxy in front of it) builds wrong links: check HF_ENDPOINT "
+        "(scheme, host and port as the server knows itself), or report it.",
+    )
 
 
 def _loop(ctx: HubContext, repo_id: str, page: int, why: str) -> errors.NetworkError:

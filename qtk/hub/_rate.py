@@ -174,7 +174,7 @@ class Transfer:
         finally:
             with self._mu:
                 now = self.clock()
-                self._net += now - (self._read_t0 or now)
+                self._net += now - (now if self._read_t0 is None else self._read_t0)
                 self._total += n or 0
                 self._read_t0, self._read_n = None, 0
                 if not self._obs or self._net - self._obs[-1][0] >= self.rate.window_s / 8:

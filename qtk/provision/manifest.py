@@ -54,7 +54,8 @@ _QUANTIZE = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool, "cal
              "samples": int, "seq_len": int, "seed": int, "chat_template": bool, "allow_fewer": bool,
              "smooth": bool, "smooth_alpha": (int, float)}
 _VERIFY = {"text": str, "text_field": str, "ctx": int, "max_tokens": int, "smoke": bool, "max_new_tokens": int,
-           "seed": int}
+           "seed": int,
+           "tasks": Array(str), "tasks_dir": str, "limit": int, "num_fewshot": int}  # qtk verify --tasks
 _GATES = {**{name: (int, float) for name in GATE_BY_NAME}, "require_smoke": bool}  # one row per gate (qtk.verify.gates)
 _PUBLISH = {"org": str, "push_to_hub": bool, "hub_org": str, "hub_private": bool}
 _DEFAULTS = {"device": str, "include": Array(str), "exclude": Array(str), "quantize": dict, "verify": dict,
@@ -115,6 +116,15 @@ def _gates(c: Checker, d: object, path: tuple) -> dict:
     return d
 
 
+def _verify_options(c: Checker, v: dict, path: tuple) -> dict:
+    """A model's verify options; ``tasks_dir`` relative to the manifest, like ``store``."""
+    if v.get("num_fewshot", 0) < 0:
+        raise c.fail(path + ("num_fewshot",), f"must be >= 0 (got {v['num_fewshot']}).")
+    if v.get("tasks_dir"):
+        v = {**v, "tasks_dir": str((c.file.parent / Path(v["tasks_dir"]).expanduser()).absolute())}
+    return v
+
+
 def _published_id(c: Checker, org: str, name: str, rname: str, org_path: tuple, rp: tuple) -> str:
     """``org/name-recipe``, by the one owner of repo-id rules (qtk.hub.names): what the mirror can serve."""
     repo_id = f"{org}/{name}-{rname}"
@@ -156,7 +166,7 @@ def _model(c: Checker, m: object, mp: tuple, d: dict, methods: tuple[str, ...], 
     for sub, schema in (("verify", _VERIFY), ("publish", _PUBLISH)):
         c.table(m.get(sub, {}), schema, mp + (sub,))
     _gates(c, m.get("gates", {}), mp + ("gates",))
-    _positive(c, m.get("verify", {}), mp + ("verify",), "ctx", "max_tokens", "max_new_tokens")
+    _positive(c, m.get("verify", {}), mp + ("verify",), "ctx", "max_tokens", "max_new_tokens", "limit")
     name = m.get("name") or m["repo"].split("/")[1].lower()
     publish = {**d.get("publish", {}), **m.get("publish", {})}
     org_path = mp + ("publish", "org") if "org" in m.get("publish", {}) else ("defaults", "publish", "org")
@@ -176,7 +186,8 @@ def _model(c: Checker, m: object, mp: tuple, d: dict, methods: tuple[str, ...], 
         name=name, repo=m["repo"], revision=m.get("revision"),
         include=tuple(m.get("include", d.get("include", DEFAULT_INCLUDE))),
         exclude=tuple(m.get("exclude", d.get("exclude", ()))),
-        recipes=tuple(recipes), verify={**d.get("verify", {}), **m.get("verify", {})}, publish=publish,
+        recipes=tuple(recipes), publish=publish,
+        verify=_verify_options(c, {**d.get("verify", {}), **m.get("verify", {})}, mp + ("verify",)),
         where=dotted(mp),
     )
 
@@ -195,7 +206,7 @@ def load_manifest(path: str | Path, *, store: str | Path | None = None) -> Manif
         c.table(d.get(sub, {}), schema, ("defaults", sub))
     _gates(c, d.get("gates", {}), ("defaults", "gates"))
     _positive(c, d.get("quantize", {}), ("defaults", "quantize"), "bits", "group_size", "samples", "seq_len")
-    _positive(c, d.get("verify", {}), ("defaults", "verify"), "ctx", "max_tokens", "max_new_tokens")
+    _positive(c, d.get("verify", {}), ("defaults", "verify"), "ctx", "max_tokens", "max_new_tokens", "limit")
     device = d.get("device", "auto")
     if device not in ("auto", "cuda", "cpu"):
         raise c.fail(("defaults", "device"), f"must be auto, cuda or cpu (got {device!r}).")

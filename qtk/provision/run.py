@@ -208,6 +208,10 @@ class Provisioner:
         v = VerifyOptions(**spec.verify, device=self.m.device)
         vparams = {k: getattr(v, k) for k in ("text", "text_field", "ctx", "max_tokens", "smoke", "max_new_tokens",
                                               "temperature", "top_p", "seed")}
+        if v.tasks:  # only then: keys of manifests without tasks stay what they were
+            from ..verify.tasks import task_inputs
+
+            vparams["tasks"] = task_inputs(v.tasks, v.tasks_dir, v.limit, v.num_fewshot)
         vkey = key_of({"v": KEY_VERSION, "quantize": qkey, "reference": qin.files, "params": vparams,
                      "text_sha256": self._text_digest(v.text, v.text_field), "toolchain": tools})
         gates = Gates(**recipe.gates)
@@ -678,6 +682,10 @@ class _Stop(Exception):
     """Stop after the first failure (no --keep-going)."""
 
 
+def _round(x, n: int):
+    return None if x is None else round(x, n)
+
+
 def _metrics(report: dict) -> dict:
     ref, cand = report["models"][0], report["models"][-1]
     kl = cand.get("kl") or {}
@@ -689,6 +697,7 @@ def _metrics(report: dict) -> dict:
         "kld_mean": round(kl["mean"], 5) if kl else None,
         "top1_pct": round(kl["top1_agreement"] * 100, 2) if kl else None,
         "smoke_ok": f"{sum(s['ok'] for s in smoke)}/{len(smoke)}" if smoke else None,
+        "recovery_pct": _round((cand.get("recovery") or {}).get("overall"), 2),
         "size_bytes": cand["size_bytes"],
     }
 
