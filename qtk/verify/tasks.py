@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator, Sequence
 from .. import errors
 
 __all__ = ["TaskSpec", "TaskSet", "parse_task_names", "load_tasks", "lm_for", "evaluate_model", "evaluate_all",
-           "recovery", "task_recovery", "datasets_offline", "shipped_tasks_dir", "PRIMARY_METRICS", "BOOTSTRAP_ITERS"]
+           "recovery", "task_recovery", "task_inputs", "datasets_offline", "shipped_tasks_dir", "PRIMARY_METRICS",
+           "BOOTSTRAP_ITERS"]
 
 PRIMARY_METRICS = ("acc", "acc_norm", "exact_match")  # the metric a task's accuracy is read from, first found
 BOOTSTRAP_ITERS = 1000  # only metrics without a closed-form stderr are bootstrapped (acc/exact_match are not)
@@ -100,6 +101,35 @@ def parse_task_names(values: Sequence[str]) -> list[str]:
             if n not in names:
                 names.append(n)
     return names
+
+
+def _tree_sha256(root: Path | None, limit_bytes: int = 1 << 30) -> str | None:
+    """sha256 over a directory's files (relative path + bytes, in sorted order); None: no directory."""
+    if root is None or not root.is_dir():
+        return None
+    h, seen = hashlib.sha256(), 0
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        seen += p.stat().st_size
+        if seen > limit_bytes:
+            raise errors.UsageError(f"--tasks-dir {root} holds more than {limit_bytes >> 30} GiB.",
+                                    hint="Point it at the task YAMLs and their data only.")
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def task_inputs(names: Sequence[str], tasks_dir: str | None, limit: int | None, num_fewshot: int | None) -> dict:
+    """What a task evaluation depends on, without importing lm-eval or reading a dataset (provision's verify
+    key): the names, the task directories' contents, limit, few-shot, and lm-eval's version (its registry's
+    task definitions)."""
+    import importlib.metadata as md
+
+    try:
+        version = md.version("lm_eval")
+    except md.PackageNotFoundError:
+        version = None
+    return {"names": parse_task_names(names), "tasks_dir_sha256": _tree_sha256(Path(tasks_dir)) if tasks_dir else None,
+            "qtk_tasks_sha256": _tree_sha256(shipped_tasks_dir()), "limit": limit, "num_fewshot": num_fewshot,
+            "lm_eval": version}
 
 
 def _offline_wanted() -> bool:
