@@ -48,7 +48,7 @@ def test_index_ahead_then_serve_reuses_it(qtk, tmp_path):
     ('[repos."acme/x"]\nprivate = true\n[repos."ACME/X"]\nprivate = false\n', "case-insensitive"),
     ("[[users]]\nname = 1\n", "access.toml:2: users[0].name: expected a string"),
     ("[[users]]\nname = \"a\"\n", "needs a non-empty 'name' and one of 'token' or 'token_sha256'"),
-    ("not = [toml", "not valid TOML"),
+    ("not = [toml", "TOML syntax error"),
 ])
 def test_bad_access_file_is_refused_at_start(qtk, tmp_path, toml, words):
     access = tmp_path / "access.toml"
