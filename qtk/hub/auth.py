@@ -6,13 +6,11 @@ mode 0600, so ``hf``, transformers and qtk share one login. ``HF_TOKEN`` overrid
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
+from .._fs import write_atomic
 from ..settings import Settings
 from ._errors import HubContext, map_hub_errors, public_url
 
@@ -129,23 +127,6 @@ def whoami(settings: Settings) -> Identity:
     return _whoami(settings, token)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600, atomically (temp file in the same dir + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".token.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def login(settings: Settings, token_value: str) -> Identity:
     """Validate ``token_value`` against the endpoint's whoami, then store it (mode 0600)."""
     token_value = token_value.strip()
@@ -153,7 +134,7 @@ def login(settings: Settings, token_value: str) -> Identity:
         raise errors.UsageError("The token is empty.", hint="Create one at <endpoint>/settings/tokens.")
     errors.register_secret(token_value)
     identity = _whoami(settings, Token(token_value, str(settings.token_path)))
-    _write_private(settings.token_path, token_value)
+    write_atomic(settings.token_path, token_value, mode=0o600)  # private from the first byte, durable
     return identity
 
 

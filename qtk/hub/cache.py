@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
+from .._fs import fsync_dir, write_atomic
 from ._fetch import new_hasher
 from .names import (
     check_commit_sha, check_oid, check_pull_path, check_pull_tree, is_commit_sha, is_oid, is_pull_path, tree_conflict,
@@ -95,20 +96,6 @@ def not_writable(exc: OSError, where: Path | str) -> errors.NotWritableError | N
         hint="Point HF_HUB_CACHE / --cache-dir (or --local-dir) at a directory you can write, or ask the cache's "
         "owner to pull it: a repo that is fully present is used from a read-only cache without writing.",
     )
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable (a no-op where directories cannot be synced)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _unique() -> str:
@@ -175,7 +162,7 @@ def _relative_symlink(target: Path, base: Path, rel: str) -> None:
 
 
 def _write_atomic_under(base: Path, rel: str, text: str) -> None:
-    """:func:`_write_atomic` for ``base/rel``, reached without following a link below ``base``."""
+    """:func:`qtk._fs.write_atomic` for ``base/rel``, reached without following a link below ``base``."""
     with _parent_dir(base, rel) as (fd, name):
         tmp = f".{name}.{_unique()}.tmp"
         wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=fd)
@@ -229,20 +216,6 @@ def check_placement(base: Path, rel: str, seen: dict[Path, bool]) -> None:
                 f"Refusing to write {rel!r}: {d / parts[-1]} is a directory.",
                 hint="Nothing was written. Move that directory away (it is not part of this revision's layout).",
             )
-
-
-def _write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
-    """Temp file + fsync + rename (+ directory fsync): never a half-written file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
 
 
 def digest_file(path: Path, digest: tuple[str, str], size: int) -> str:
@@ -344,7 +317,7 @@ class CacheTarget:
         record = {"oid": f.oid, "algorithm": f.digest[0], "size": st.st_size, "ino": st.st_ino,
                   "mtime_ns": st.st_mtime_ns, "source": "adopted" if adopted else "qtk"}
         try:
-            _write_atomic(self.marker_path(f.oid), json.dumps(record))
+            write_atomic(self.marker_path(f.oid), json.dumps(record))
         except OSError as exc:
             if exc.errno not in _NOT_WRITABLE:
                 raise
@@ -377,7 +350,7 @@ class CacheTarget:
             except (OSError, UnicodeDecodeError):
                 current = None
             if current != commit:
-                _write_atomic(path, commit)
+                write_atomic(path, commit)
 
     # -- offline ---------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, errors
+from .. import __version__, _fs, errors
 from .._stdio import output_to_file
 from ..settings import Settings
 from .manifest import Manifest, ModelSpec, Recipe
@@ -417,7 +417,7 @@ class Provisioner:
                                        "path": str(mp.pull_plan.root), "files": dict(mp.source["files"])})
                 if build.exists():  # an unfinished build under the final name (qtk before workspaces)
                     shutil.rmtree(build)
-                os.replace(work / key, build)
+                _fs.replace_durable(work / key, build)  # sealed by quantize; the rename made durable too
                 self.store.release_workspace(key, finished=True)
             except BaseException:
                 self.store.release_workspace(key, finished=False)
