@@ -71,7 +71,7 @@ def gate_options(f):
               help="Downstream task accuracy through lm-eval, per model, with recovery = candidate / reference "
                    "accuracy: lm-eval's tasks (arc_easy, hellaswag, piqa, winogrande, mmlu, gsm8k...), qtk's own "
                    "qtk_cloze, or tasks of --tasks-dir.")
-@click.option("--tasks-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--tasks-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of lm-eval task YAMLs (e.g. dataset_path: json over local jsonl; relative data_files "
                    "are relative to the YAML).")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N",

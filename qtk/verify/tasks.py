@@ -44,6 +44,7 @@ PRIMARY_METRICS = ("acc", "acc_norm", "exact_match")  # the metric a task's accu
 BOOTSTRAP_ITERS = 1000  # only metrics without a closed-form stderr are bootstrapped (acc/exact_match are not)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
 _NO_PROGRESS = lambda *a, **k: None  # noqa: E731
+_FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders over local data_files
 
 
 def shipped_tasks_dir() -> Path:
@@ -60,6 +61,8 @@ class TaskSpec:
     path: str | None = None  # the task's YAML (local and qtk tasks)
     sha256: str | None = None  # local and qtk tasks: the YAML and its data files, hashed together
     kind: str = "task"  # "task", "group" (one aggregate result), or "tag" (expanded to its tasks)
+    dataset: str | None = None  # dataset_path: a Hub dataset id, or a datasets builder over local files (json)
+    local_data: bool = False  # its data are local files: nothing to fetch
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -236,7 +239,25 @@ def _managers(names: list[str], tasks_dir: Path | None):
     tm = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
     if all(n in tm.task_index for n in names):
         return tm
+    for n in names:  # a broken YAML of the user's, before indexing lm-eval's registry for a name it may not have
+        if n not in tm.task_index:
+            _explain_unindexed(n, tasks_dir)
     return TaskManager(include_path=[str(p) for p in paths], include_defaults=True)
+
+
+def _explain_unindexed(name: str, tasks_dir: Path | None) -> None:
+    """lm-eval's index skips a YAML it cannot parse (with a log line): when a YAML of ``tasks_dir`` names the
+    task, say what is wrong with it instead of "unknown task"."""
+    if tasks_dir is None:
+        return
+    names_it = re.compile(rf"^task:\s*['\"]?{re.escape(name)}['\"]?\s*$", re.M)
+    for path in sorted(tasks_dir.rglob("*.yaml")):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if names_it.search(text):
+            _local_config(path)  # raises with the loader's own complaint
 
 
 def _spec_for(tm, name: str, tasks_dir: Path | None) -> tuple[TaskSpec, Any]:
@@ -254,8 +275,12 @@ def _spec_for(tm, name: str, tasks_dir: Path | None) -> tuple[TaskSpec, Any]:
               else "lm-eval")
     if source != "lm-eval" and kind == "task" and yaml_path is not None:
         cfg, digest = _local_config(yaml_path)
-        return TaskSpec(name, source, str(yaml_path), digest, kind), cfg
-    return TaskSpec(name, source, str(yaml_path) if yaml_path else None, None, kind), name
+        dataset = cfg.get("dataset_path")
+        local = bool(cfg.get("custom_dataset")) or (dataset in _FILE_BUILDERS and bool(
+            (cfg.get("dataset_kwargs") or {}).get("data_files")))
+        return TaskSpec(name, source, str(yaml_path), digest, kind, dataset, local), cfg
+    dataset = (entry.cfg or {}).get("dataset_path") if kind == "task" else None
+    return TaskSpec(name, source, str(yaml_path) if yaml_path else None, None, kind, dataset), name
 
 
 def load_tasks(names: Sequence[str], tasks_dir: str | os.PathLike | None = None) -> TaskSet:
@@ -269,7 +294,7 @@ def load_tasks(names: Sequence[str], tasks_dir: str | os.PathLike | None = None)
         raise errors.UsageError(f"--tasks-dir {tdir} is not a directory.")
     tm = _managers(names, tdir)
     pairs = [_spec_for(tm, n, tdir) for n in names]
-    offline = _offline_wanted() or all(s.source != "lm-eval" for s, _ in pairs)
+    offline = _offline_wanted() or all(s.local_data for s, _ in pairs)
     objects, report_names = {}, {}
     with datasets_offline(offline):
         for spec, what in pairs:
@@ -288,14 +313,14 @@ def _load_error(spec: TaskSpec, exc: Exception, offline: bool) -> errors.QtkErro
     text = f"{type(exc).__name__}: {exc}"
     if len(text) > 600:
         text = text[:600] + "…"
-    where = f"Task {spec.name!r} ({spec.path or 'lm-eval registry'})"
+    where = f"Task {spec.name!r} ({spec.path or 'lm-eval registry'}; dataset {spec.dataset or '?'})"
     netty = isinstance(exc, (ConnectionError, TimeoutError)) or "offline" in text.lower() or "connect" in text.lower()
-    if spec.source == "lm-eval" and offline and (netty or isinstance(exc, FileNotFoundError)):
+    if not spec.local_data and offline and (netty or isinstance(exc, FileNotFoundError)):
         return errors.LocalNotFoundError(
             f"{where}: its dataset is not in the local cache and the Hub is offline ({text}).",
             hint="Run once with Hub access (or HF_ENDPOINT=<a qtk serve mirror>) to fill the HF datasets cache, or "
                  "copy the rows to a jsonl and point a --tasks-dir YAML at it (dataset_path: json).")
-    if spec.source == "lm-eval" and netty:
+    if not spec.local_data and netty:
         return errors.NetworkError(f"{where}: its dataset could not be fetched ({text}).",
                                    hint="Check HF_ENDPOINT, or use a --tasks-dir YAML over local files.")
     return errors.UsageError(f"{where} could not be loaded: {text}",
