@@ -36,6 +36,16 @@ def _cached(qtk, tmp_path) -> list[str]:
     return ["cache", "ls"]
 
 
+def _prunable(qtk, tmp_path) -> list[str]:
+    import os
+
+    assert qtk("pull", "acme/tiny", "--include", "config.json").exit_code == 0
+    lock = tmp_path / "hf" / "hub" / ".locks" / "models--acme--tiny" / ("6" * 40 + ".qtk.lock")
+    lock.write_text("")  # a lock file no process holds
+    os.utime(lock, (1, 1))
+    return ["cache", "prune", "--dry-run"]
+
+
 def _plan(qtk, tmp_path) -> list[str]:
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     return ["plan", str(tmp_path / "config.json")]
@@ -46,6 +56,7 @@ LISTINGS = [
     ("exit-codes", lambda q, t: ["exit-codes"], "GateFailedError", None),
     ("calibration list", lambda q, t: ["calibration", "list"], "prose-heldout", None),
     ("cache ls", _cached, "acme/tiny", "repo(s)"),
+    ("cache prune --dry-run", _prunable, "6666666666", "Would remove"),
     ("pull --dry-run", lambda q, t: ["pull", "acme/tiny", "--dry-run"], "sub/deeper/weights.bin", "free disk"),
     ("whoami", lambda q, t: ["whoami"], "alice", "token role"),
     ("provision status", lambda q, t: _provision_store(t), "qtk/smol-nf4", "Serve it"),

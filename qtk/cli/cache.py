@@ -70,7 +70,7 @@ def ls_cmd(repo_ids: tuple[str, ...], cache_dir: Path | None) -> None:
                           str(rev.nb_files) if rev else "0", human_bytes(rev.size_on_disk) if rev else "0 B")
     out.err.print(f"{listing.cache_dir}: {len(listing.repos)} repo(s), {human_bytes(listing.size_on_disk)} on disk")
     if listing.repos:
-        click.echo(_render(out, table))
+        out.table(table)
     if listing.partials:
         parts = Table(show_edge=False, pad_edge=False, box=None)
         for col, just in (("repo", "left"), ("blob", "left"), ("resumable", "right"), ("size", "right"),
@@ -81,15 +81,9 @@ def ls_cmd(repo_ids: tuple[str, ...], cache_dir: Path | None) -> None:
             parts.add_row(p.repo_id, p.oid[:12], human_bytes(p.resumable_bytes), human_bytes(p.size),
                           "qtk (resumable)" if p.kind == "qtk" else "hf (not resumable)", state)
         out.err.print(f"\n{len(listing.partials)} partial download(s); `qtk pull` resumes the qtk ones:")
-        click.echo(_render(out, parts))
+        out.table(parts)
     for w in listing.warnings:
         out.warn(w)
-
-
-def _render(out, table: Table) -> str:
-    with out.err.capture() as cap:
-        out.err.print(table)
-    return cap.get().rstrip("\n")
 
 
 def _ago(seconds: float) -> str:
@@ -183,6 +177,6 @@ def prune_cmd(cache_dir: Path | None, dry_run: bool, partials_older_than: str) -
         out.json({"dry_run": dry_run, "removed": [a.to_dict() for a in actions], "bytes_freed": freed})
         return
     verb = "Would remove" if dry_run else "Removed"
-    for a in actions:
-        out.err.print(f"  {a.kind:<18} {a.path}  ({human_bytes(a.bytes)}: {a.reason})", highlight=False, markup=False)
+    for a in actions:  # the result (stdout): what was, or would be, removed
+        out.result(f"  {a.kind:<18} {a.path}  ({human_bytes(a.bytes)}: {a.reason})")
     out.info(f"{verb} {len(actions)} item(s), {human_bytes(freed)}." if actions else "Nothing to prune.")
