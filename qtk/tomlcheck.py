@@ -168,6 +168,11 @@ class Locator:
         return None
 
 
+def _is(v, t: type) -> bool:
+    """``isinstance``, where true/false is not a number."""
+    return isinstance(v, t) and not (isinstance(v, bool) and t is not bool)
+
+
 def _key(line: str, pos: int, end: str) -> tuple | None:
     """The dotted key at ``pos`` in ``line`` followed by ``end`` (``=``, ``]`` or ``]]``), or None."""
     parts = []
@@ -222,11 +227,9 @@ class Checker:
     def check_type(self, v, want, path: tuple) -> None:
         types = want if isinstance(want, tuple) else (want,)
         for t in types:
-            if isinstance(t, Array):
-                if isinstance(v, list) and all(isinstance(x, t.item) and not (isinstance(x, bool) and t.item is not bool)
-                                               for x in v):
-                    return
-            elif isinstance(v, t) and not (isinstance(v, bool) and t is not bool):
+            if isinstance(t, Array) and isinstance(v, list) and all(_is(x, t.item) for x in v):
+                return
+            if not isinstance(t, Array) and _is(v, t):
                 return
         names = " or ".join(_type_name(t) for t in types)
         raise self.fail(path, f"expected {names}, got {type(v).__name__} {v!r}.")

@@ -22,7 +22,8 @@ SHA = hashlib.sha256(b"t").hexdigest()
 ACCESS_REFUSED = [
     ('[repos."acme/x"]\nprivat = true\n', 2, "repos.acme/x.privat", "unknown field; did you mean 'private'?"),
     ('[repos."acme/x"]\nprivate = true\nallow = "acme"\n', 3, "repos.acme/x.allow", "expected an array of strings"),
-    ('[repos."acme/x"]\nprivate = true\nallow = ["acme", 7]\n', 3, "repos.acme/x.allow", "expected an array of strings"),
+    ('[repos."acme/x"]\nprivate = true\nallow = ["acme", 7]\n', 3, "repos.acme/x.allow",
+     "expected an array of strings"),
     ('[repos."acme/x"]\nprivate = "yes"\n', 2, "repos.acme/x.private", "expected true/false"),
     ('[repos."acme/x"]\ngated = 1\n', 2, "repos.acme/x.gated", "expected true/false"),
     ('# the model\n[repos."acme/llama-3.1-8b"]\ngated = true\nalow = ["alice"]\n', 4,

@@ -104,7 +104,8 @@ _ACCESS_TOP = {"require_token": bool, "users": Array(dict), "repos": dict}
 _ACCESS_USER = {"name": str, "token": str, "token_sha256": str, "role": str, "orgs": Array(str), "fullname": str}
 _ACCESS_REPO = {"private": bool, "gated": bool, "allow": Array(str)}
 _ROLES = ("read", "write", "fineGrained")  # the token roles the Hub's whoami reports
-_ACCESS_HINT = "Fix the access file (format: README.md, `qtk serve`): the mirror does not start with a rule it cannot read."
+_ACCESS_HINT = ("Fix the access file (format: README.md, `qtk serve`): the mirror does not start with a rule it "
+                "cannot read.")
 
 
 def load_auth(path: str | Path) -> MirrorAuth:
