@@ -13,8 +13,9 @@ summary.
   A task re-plans its model at the driver's pinned commit (metadata only) and runs the local executor's
   code; a quantize task keys the build with its own node's toolchain, and the verify task takes that
   key (the quantize task's inputs) as it is, so a verify that spills to another kind of node (another
-  GPU compute capability) still finds the build; its verify key has its own node's toolchain. It runs under the same store locks (the artifact's,
-  the build's, publishing's), with its own lease and event file. A task asks for ``--ray-task-cpus``
+  GPU compute capability) still finds the build; its verify key has its own node's toolchain. A task
+  runs under the same store locks (the artifact's, the build's, publishing's), with its own lease and
+  event file. A task asks for ``--ray-task-cpus``
   cores (1 by default) and torch computes on exactly those (:func:`_use_assigned_cpus`).
 * Events reach the driver while tasks run: each task writes its own event file in the store (shared
   storage), which the driver follows and forwards; the summary and exit codes are the local
