@@ -204,7 +204,7 @@ def test_a_reader_below_the_minimum_rate_is_cut(root):
 def test_connections_per_client_address_are_bounded(root):
     """Item 6: one address holds at most ``max_per_client`` connections (503 + Retry-After past it); other
     addresses are served; a closed connection frees its place."""
-    assert MAX_PER_CLIENT == 64
+    assert MAX_PER_CLIENT == 128
     srv = start(root, max_per_client=4)
     port = srv.server_address[1]
     held = [connect(port, "127.0.0.9") for _ in range(4)]

@@ -241,7 +241,7 @@ def pull_cmd(repo_id, revision, include, exclude, local_dir, cache_dir, repo_typ
               help="Open connections; past it new ones get 503 + Retry-After.")
 @click.option("--max-pending", type=click.IntRange(1, 65536), default=1024, show_default=True,
               help="Complete requests waiting for a worker; past it 503 + Retry-After.")
-@click.option("--max-per-client", type=click.IntRange(0, 65536), default=64, show_default=True,  # server.MAX_PER_CLIENT
+@click.option("--max-per-client", type=click.IntRange(0, 65536), default=128, show_default=True,  # server.MAX_PER_CLIENT
               help="Open connections from one client address (an IPv6 /64); past it 503 + Retry-After. "
                    "--trusted-proxy peers are not counted. 0: no bound.")
 @click.option("--timeout", "io_timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,

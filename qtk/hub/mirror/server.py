@@ -59,7 +59,7 @@ log = logging.getLogger("qtk.mirror")
 _HEAD_END = b"\r\n\r\n"
 LINGER_S = 2.0
 MIN_RATE = 8 * 1024  # bytes/s a client must read, over each io_timeout window, while an answer is written
-MAX_PER_CLIENT = 64  # open connections per client address (qtk pull opens 16, huggingface_hub 8)
+MAX_PER_CLIENT = 128  # open connections per client address (a qtk pull opens 16, at most 64; huggingface_hub 8)
 MAX_BUFFERED = 256 * 1024 * 1024  # answer bytes held for the loop to write, all connections together
 SEND_CHUNK = 256 * 1024  # bytes per send() from an output buffer (and per pread under TLS)
 SENDFILE_CHUNK = 8 * 1024 * 1024
@@ -654,9 +654,16 @@ class PooledHTTPServer:
                 self._drop(sel, c)
 
     def _refuse(self, sock: socket.socket, response: bytes) -> None:
+        """Answer a connection that is not admitted and close it at once (it never costs a slot); what the
+        client already sent is read first, so the close sends a FIN, not a reset that could destroy the
+        answer in flight."""
         with contextlib.suppress(OSError):
             sock.setblocking(False)
             sock.send(response)
+            sock.shutdown(socket.SHUT_WR)
+            for _ in range(4):
+                if not sock.recv(65536):
+                    break
         with contextlib.suppress(OSError):
             sock.close()
 
