@@ -302,7 +302,8 @@ def quantized_format(method: str, group_size: int = 128) -> Format:
 # torch 2.13 CPU, gptqmodel 7.6, bitsandbytes 0.50.2; BENCHMARKS.md, "qtk quantize at scale"): ~0.75 GB
 # with GPTQModel (+0.06 GB for AWQ's processor; 0.12 GB before qtk's clip search dropped its [tokens x out]
 # temporaries: SmolLM2 2 layers 790 -> 756 MB, Llama-1B width 2 layers 1932 MB), ~0.5 GB with bitsandbytes.
-_RUNTIME_BYTES = {"layerwise": 750_000_000, "quantized_load": 500_000_000}
+_RUNTIME_BYTES = {"layerwise": 750_000_000, "quantized_load": 500_000_000, "whole_model": 500_000_000}
+_CALIBRATION_TOKENS_PER_FORWARD = 8192  # the whole-model methods' calibration batches (qtk.quantize.w8a8)
 _AWQ_RUNTIME_EXTRA = 60_000_000
 
 
@@ -332,6 +333,8 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
         host = runtime + (bf16 * 3 // 2 if device == "cpu" else q)
         return {"device": device, "device_bytes": host if device == "cpu" else q, "host_bytes": host,
                 "holds": "whole model"}
+    if model == "whole_model":
+        return _whole_model_memory(shape, method, device, bf16, runtime, samples, seq_len)
     layer = 2 * (shape.linear + shape.params["norms"]) // max(shape.layers, 1)
     tokens = samples * seq_len
     hidden_acts = 3 * tokens * shape.hidden * 2  # the layer's inputs and outputs (BF16), one spare
@@ -355,6 +358,27 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
         device_bytes += tokens * (4 * shape.hidden + widest) * 2
     return {"device": device, "device_bytes": device_bytes, "host_bytes": runtime + embed + 2 * layer,
             "holds": "one layer"}
+
+
+def _whole_model_memory(shape: ModelShape, method: str, device: str, bf16: int, runtime: int, samples: int,
+                        seq_len: int) -> dict:
+    """Methods that load the whole model (FP8, W8A8, GGUF's importance matrix): the model in its working
+    dtype (FP32 on the CPU for a method that runs calibration passes, else BF16) + half its BF16 size in
+    flight (checkpoint pages while loading, the 8-bit copy while compressing) + one calibration batch's
+    activations (float32 on the CPU: a layer's inputs, q/k/v/o, the MLP's three intermediates, the
+    attention scores). Measured on SmolLM2-135M, CPU, host peak: FP8 0.88 GB (this gives 0.90), W8A8
+    smoothed over 64 x 256 tokens 1.32 GB (1.47)."""
+    from .quantize.registry import method_spec
+
+    calibrates = "calibration" in method_spec(method).reads
+    width = 4 if device == "cpu" else 2
+    loaded = bf16 * width // 2 if calibrates else bf16
+    tokens = min(samples * seq_len, _CALIBRATION_TOKENS_PER_FORWARD) if calibrates else 0
+    acts = tokens * (4 * shape.hidden + 3 * shape.intermediate) * width + tokens * min(seq_len, tokens) * shape.heads * width
+    if device == "cpu":
+        host = runtime + loaded + bf16 // 2 + acts
+        return {"device": "cpu", "device_bytes": host, "host_bytes": host, "holds": "whole model"}
+    return {"device": device, "device_bytes": loaded + acts, "host_bytes": runtime + bf16 // 2, "holds": "whole model"}
 
 
 def inference_memory(shape: ModelShape, fmt: Format, *, device: str, ctx: int = 512) -> int:

@@ -39,6 +39,10 @@ IGNORE = ["lm_head"]  # kept in 16-bit: vLLM's compressed-tensors checkpoints le
 _SCHEME_KEYS = ("type", "num_bits", "strategy", "symmetric", "dynamic")
 
 
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
 def scheme_fields(weight_type: str) -> dict:
     """The fields of ``config_groups.group_0`` a method promises (``weight_type``: "float" or "int"):
     8-bit symmetric weights per output channel, 8-bit symmetric input activations per token, dynamic."""
@@ -66,8 +70,7 @@ class CompressedMethod(Method):
     # -- availability: Python >= 3.11 first (a 3.10 install has no compressed-tensors to find)
     def python_problem(self) -> str | None:
         if sys.version_info[:2] < MIN_PYTHON:
-            return (f"compressed-tensors needs Python >= {'.'.join(map(str, MIN_PYTHON))}; this is Python "
-                    f"{platform.python_version()}")
+            return f"compressed-tensors needs Python >= {_dotted(MIN_PYTHON)}; this is Python {platform.python_version()}"
         return None
 
     def unavailable_reason(self) -> str | None:
@@ -78,8 +81,8 @@ class CompressedMethod(Method):
         if too_old:
             raise errors.BackendUnavailableError(
                 f"Method {self.name!r} writes the compressed-tensors format: {too_old}.",
-                hint="Run qtk on Python 3.11 or newer for fp8/w8a8 (pip install 'qtk[quantize]' there brings "
-                     "compressed-tensors); gptq, awq and nf4 work on this Python.")
+                hint=f"Run qtk on Python {_dotted(MIN_PYTHON)} or newer for fp8/w8a8 (pip install 'qtk[quantize]' "
+                     "there brings compressed-tensors); gptq, awq and nf4 work on this Python.")
         super().check_available()
 
     # -- what the output must carry

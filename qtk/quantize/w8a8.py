@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from ._compressed import IGNORE, CompressedMethod
 from .base import QuantizeOptions, RunContext
+from .gptq import heap_trimmed_per_layer
 
 __all__ = ["W8A8", "smooth"]
 
@@ -173,7 +174,11 @@ def activation_maxima(model, norms: list[str], samples: list[list[int]], tokens_
     try:
         with torch.no_grad():
             for i in range(0, len(samples), batch):
-                model.base_model(input_ids=torch.tensor(samples[i : i + batch], device=model.device), use_cache=False)
+                # freed activations back to the OS at each layer: glibc otherwise keeps them in its arenas, and
+                # the peak grew by ~0.8 GB over 8 batches of 8k tokens on SmolLM2-135M (1.35 -> 2.1 GB)
+                with heap_trimmed_per_layer():
+                    model.base_model(input_ids=torch.tensor(samples[i : i + batch], device=model.device),
+                                     use_cache=False)
     finally:
         for h in handles:
             h.remove()
