@@ -66,7 +66,10 @@ class GGUFLM(TemplateLM):
 
             model = GGUFModel(Path(path), str(path), threads, int(n_ctx))
         self.model, self.llm = model, model.llm
-        self._max_length = min(int(max_length), self.llm.n_ctx()) if max_length else self.llm.n_ctx()
+        # llama.cpp may run a bigger context than asked (at least 256 tokens), but llama-cpp-python's token and
+        # logits arrays hold what was asked: the smaller of the two is the window
+        window = min(self.llm.n_ctx(), len(self.llm.input_ids))
+        self._max_length = min(int(max_length), window) if max_length else window
         self._max_gen_toks, self.seed = int(max_gen_toks), int(seed)
         self.add_bos = bool(model.add_bos)
         self._bos_text = self.llm.detokenize([model.bos_id], special=True).decode("utf-8", "replace") \
