@@ -22,6 +22,7 @@ from qtk.embedded import BF16_REPO, GGUF_NAME, GGUF_REPO, build_bf16_checkpoint,
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("QTK_DEMO_DIR", ROOT / ".qtk-demo"))
+TASK_LIMIT = 40  # documents of qtk_cloze per model (100 in all): accuracy beside perplexity in the table
 RECIPES = [  # SmolLM2's hidden size 576 needs group size 64 (128 does not divide it)
     ("gptq", ["--group-size", "64", "--samples", "32", "--seq-len", "256", "--calibration", "chat"]),
     ("nf4", []),
@@ -88,10 +89,12 @@ def main() -> int:
     gguf = str(next(Path(gguf).glob(f"*/{GGUF_NAME}")))
     report = WORK / "report"
     report.mkdir(exist_ok=True)
-    print("4. qtk verify: BF16 (reference) vs GPTQ vs NF4 vs the Q4_1 GGUF (llama.cpp); smoke answers and every "
-          f"number in {report}/report.md, .json, .png", flush=True)
+    print("4. qtk verify: BF16 (reference) vs GPTQ vs NF4 vs the Q4_1 GGUF (llama.cpp): perplexity, KL, smoke, and "
+          f"accuracy on qtk's cloze task (lm-eval, first {TASK_LIMIT} documents); every number in {report}/report.md, "
+          ".json, .png", flush=True)
     r = subprocess.run([sys.executable, "-m", "qtk", "verify", str(outputs["bf16"]), str(outputs["gptq"]),
                         str(outputs["nf4"]), gguf, "--max-tokens", "2048", "--max-ppl-increase", "40",
+                        "--tasks", "qtk_cloze", "--limit", str(TASK_LIMIT),
                         "--json", str(report / "report.json"), "--markdown", str(report / "report.md"),
                         "--plot", str(report / "report.png"), "--no-smoke-answers"], env=env)
     if r.returncode not in (0, 3):
