@@ -1,7 +1,7 @@
 """Task accuracy per format on SmolLM2-135M-Instruct through qtk verify's task path (lm-eval 0.4.13).
 
     python benchmarks/bench_tasks.py [--formats bf16,gptq,nf4,fp8,gguf-q4_1,gguf-q4_k_m] [--limit N]
-                                     [--device cpu] [--work .qtk-bench-tasks] [--overhead] [--json out.json]
+                                     [--device cpu] [--work .qtk-test-cache/bench-tasks] [--overhead] [--json out.json]
 
 Each format is built once under --work (GPTQ g64 with 32 x 256 chat samples as in the demo, NF4, FP8
 dynamic, GGUF Q4_K_M with an importance matrix; Q4_1 is the shipped GGUF), loaded like `qtk verify` loads
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--formats", default="bf16,gptq,nf4,fp8,gguf-q4_1,gguf-q4_k_m")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--work", type=Path, default=Path(".qtk-bench-tasks"))
+    ap.add_argument("--work", type=Path, default=Path(".qtk-test-cache") / "bench-tasks")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
