@@ -38,6 +38,7 @@ def cpu_s() -> float:
 def build(fmt: str, bf16: Path, work: Path) -> str:
     from qtk.embedded import shipped_gguf
     from qtk.quantize.base import QuantizeOptions
+    from qtk.quantize.registry import get_method
     from qtk.quantize.run import quantize
 
     if fmt == "bf16":
@@ -47,7 +48,8 @@ def build(fmt: str, bf16: Path, work: Path) -> str:
     out = work / fmt
     if not out.exists():
         t0 = time.monotonic()
-        quantize(str(bf16), out, QuantizeOptions(**RECIPES[fmt]))
+        recipe = RECIPES[fmt]  # bits unset: the method's first width (fp8: 8), as `qtk quantize` without --bits
+        quantize(str(bf16), out, QuantizeOptions(**{"bits": get_method(recipe["method"]).bits[0], **recipe}))
         print(f"built {fmt} in {time.monotonic() - t0:.0f} s", flush=True)
     ggufs = sorted(out.glob("*.gguf"))
     return str(ggufs[0]) if ggufs else str(out)
