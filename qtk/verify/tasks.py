@@ -330,13 +330,14 @@ def _load_error(spec: TaskSpec, exc: Exception, offline: bool) -> errors.QtkErro
 # ----------------------------------------------------------------------------------------- models -> lm-eval
 
 
-def lm_for(model, *, batch_size: int | str | None = None, max_length: int | None = None):
+def lm_for(model, *, batch_size: int | str | None = None, max_length: int | None = None, seed: int = 0):
     """lm-eval's LM over a model qtk loaded (:mod:`qtk.verify.models`): HFLM around the same model object
-    (its tokenizer copied: HFLM may set a pad token), or qtk's GGUF adapter."""
+    (its tokenizer copied: HFLM may set a pad token), or qtk's GGUF adapter (``seed``: its sampler's, for a
+    task that samples; HF models sample from torch's generator, seeded per task)."""
     if getattr(model, "format", None) == "gguf":
         from .lmeval_gguf import GGUFLM
 
-        return GGUFLM(model, max_length=max_length)
+        return GGUFLM(model, max_length=max_length, seed=seed)
     from lm_eval.models.huggingface import HFLM
 
     cuda = str(getattr(model.model, "device", "cpu")).startswith("cuda")
@@ -481,7 +482,7 @@ def evaluate_all(models: list, taskset: TaskSet, opts, n_ctx: int, progress=_NO_
     for i, m in enumerate(models):
         label = f"model {i + 1}/{len(models)} {short_name(m.name)}"
         with stdout_to_stderr():
-            lm = lm_for(m, max_length=n_ctx)
+            lm = lm_for(m, max_length=n_ctx, seed=opts.seed)
             out.append(evaluate_model(lm, taskset, limit=opts.limit, seed=opts.seed, num_fewshot=opts.num_fewshot,
                                       label=label, progress=progress))
     return out
