@@ -12,7 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import BIG_SIZE
 
-from qtk.hub import _fetch
+from qtk._proc import boot_id
+from qtk.hub._fetch import ranges
+from qtk.hub._fetch import state as state_file
 from qtk.hub._errors import public_text, public_url
 from qtk.hub._fetch import MAX_CHUNK, MIN_CHUNK, chunk_size_for, resumable_bytes
 from qtk.hub._retry import RetryPolicy, parse_retry_after
@@ -62,7 +64,7 @@ def test_every_connection_gets_work(size, connections):
 def _state(size, digest, cs, done, partial, tmp_path):
     part = tmp_path / "x.qtk-part"
     part.write_bytes(b"")
-    state = {"version": 1, "size": size, "digest": list(digest), "chunk_size": cs, "boot_id": _fetch._boot_id(),
+    state = {"version": 1, "size": size, "digest": list(digest), "chunk_size": cs, "boot_id": boot_id(),
              "done": done, "partial": {str(k): v for k, v in partial.items()}}
     part.with_name(part.name + ".state.json").write_text(json.dumps(state))
     return part
@@ -80,23 +82,23 @@ def test_state_mapped_onto_other_ranges_never_claims_unwritten_bytes(size, old_c
     done = data.draw(st.sets(st.integers(0, n_old - 1)))
     partial = {i: data.draw(st.integers(1, old_cs - 1)) for i in data.draw(st.sets(st.integers(0, n_old - 1)))
                if i not in done}
-    state = {"chunk_size": old_cs, "boot_id": _fetch._boot_id(), "done": sorted(done),
+    state = {"chunk_size": old_cs, "boot_id": boot_id(), "done": sorted(done),
              "partial": {str(k): v for k, v in partial.items()}}
     written = set()
     for i in done:
         written.update(range(i * old_cs, min(size, (i + 1) * old_cs), 4096))
     for i, v in partial.items():
         written.update(range(i * old_cs, min(size, i * old_cs + v), 4096))
-    spans = _fetch._covered(state, size)
+    spans = state_file.covered(state, size)
     for s in range(0, size, new_cs):
         e = min(s + new_cs, size)
-        n = _fetch._prefix_covered(spans, s, e)
+        n = ranges.prefix_covered(spans, s, e)
         assert 0 <= n <= e - s
         assert all(b in written for b in range(s, s + n, 4096))
     # the layout a resume picks reuses every recorded byte
-    chosen = _fetch._resume_layout(spans, size, new_cs, old_cs)
+    chosen = ranges.resume_layout(spans, size, new_cs, old_cs)
     assert chosen in (new_cs, old_cs)
-    assert _fetch._layout_keeps(spans, size, chosen) == sum(e - s for s, e in spans)
+    assert ranges.layout_keeps(spans, size, chosen) == sum(e - s for s, e in spans)
 
 
 @pytest.mark.parametrize(
@@ -111,9 +113,9 @@ def test_state_mapped_onto_other_ranges_never_claims_unwritten_bytes(size, old_c
 )
 def test_resume_layout(recorded, done, partial, wanted, expect):
     size = 100 * MiB
-    state = {"chunk_size": recorded, "boot_id": _fetch._boot_id(), "done": done,
+    state = {"chunk_size": recorded, "boot_id": boot_id(), "done": done,
              "partial": {str(k): v for k, v in partial.items()}}
-    assert _fetch._resume_layout(_fetch._covered(state, size), size, wanted, recorded) == expect
+    assert ranges.resume_layout(state_file.covered(state, size), size, wanted, recorded) == expect
 
 
 @pytest.mark.parametrize(
@@ -154,7 +156,7 @@ def test_a_state_written_with_16_mib_ranges_resumes_under_the_new_sizing(hub, hu
     old = 16 * MiB
     part.write_bytes(src[: 2 * old + 5 * MiB] + b"\0" * (BIG_SIZE - 2 * old - 5 * MiB))
     state = {"version": 1, "size": BIG_SIZE, "digest": ["sha256", hashlib.sha256(src).hexdigest()],
-             "chunk_size": old, "boot_id": _fetch._boot_id(), "done": [0, 1], "partial": {"2": 5 * MiB}}
+             "chunk_size": old, "boot_id": boot_id(), "done": [0, 1], "partial": {"2": 5 * MiB}}
     part.with_name(part.name + ".state.json").write_text(json.dumps(state))
     assert resumable_bytes(part, BIG_SIZE, big.file.digest) == 2 * old + 5 * MiB
     plan = plan_pull("acme/big", settings=Settings.from_env(hub_cache=cache_dir), check_access=False)

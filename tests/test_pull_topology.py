@@ -15,7 +15,7 @@ from conftest import rand
 from hubtest import ALICE, test_auth, write_plain_repo
 
 from qtk import errors
-from qtk.hub import _fetch
+from qtk.hub._fetch import resolver
 from qtk.hub._retry import RetryPolicy
 from qtk.hub.download import plan_pull, pull
 from qtk.hub.mirror.app import RepoPolicy
@@ -101,7 +101,7 @@ def test_hash_mismatch_on_a_gated_repo_is_refetched_with_the_token(topo, topo_ro
 
 def test_a_fresh_url_that_is_refused_ends_after_a_few_tries(topo, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", ALICE)
-    monkeypatch.setattr(_fetch, "MAX_REFUSED_URLS", 2)
+    monkeypatch.setattr(resolver, "MAX_REFUSED_URLS", 2)
     topo.signer.ttl = -10.0  # every signed URL is already expired when it arrives
     with pytest.raises(errors.AccessDeniedError, match="keep being refused"):
         _pull("acme/cdn-gated", connections=4, retry=RetryPolicy(base_delay=0.05))

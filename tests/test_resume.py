@@ -16,6 +16,7 @@ from conftest import BIG_SIZE
 
 from qtk import errors
 from qtk.hub import _fetch
+from qtk.hub._fetch import workers
 from qtk.hub.download import plan_pull, pull
 from qtk.settings import Settings
 
@@ -80,7 +81,7 @@ def test_resume_after_kill(hub, hub_root, cache_dir, sig):
 
 
 def test_resume_after_network_failure(hub, hub_root, cache_dir, monkeypatch):
-    monkeypatch.setattr(_fetch, "MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(workers, "MAX_ATTEMPTS", 2)
     hub.faults.throttle_bps = 8e6
     settings = Settings.from_env(hub_cache=cache_dir)
     plan = plan_pull("acme/big", settings=settings, check_access=False)

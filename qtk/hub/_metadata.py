@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import time
 from typing import Callable, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from .. import __version__, errors
 from ._errors import HubContext, public_url
+from ._origin import origin
 from ._retry import RETRY_STATUS, RetryPolicy, parse_retry_after
 from .cache import RemoteFile
 
@@ -34,17 +35,6 @@ __all__ = ["repo_commit", "list_repo_files", "check_file_access", "call_with_ret
 
 T = TypeVar("T")
 MAX_PAGES_WITHOUT_NEWS = 3  # pages in a row that add no entry: the cursor is going round
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the default port filled in: what the token is bound to."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    except ValueError:  # not a port number: matches no origin
-        return scheme, "\0invalid", None
-    return scheme, (parts.hostname or "").lower(), port
 
 
 def _timeout(policy: RetryPolicy):
@@ -188,7 +178,7 @@ def list_repo_files(endpoint: str, repo_id: str, repo_type: str, commit: str, to
         nxt = r.links.get("next", {}).get("url")
         if nxt is not None:
             nxt = str(r.request.url.join(nxt))
-            if _origin(nxt) != _origin(endpoint):
+            if origin(nxt) != origin(endpoint):
                 raise _elsewhere(ctx, repo_id, page, nxt)
             if nxt in requested or str(httpx2.URL(nxt)) in requested:
                 raise _loop(ctx, repo_id, page, f"the next-page link points back to {public_url(nxt)}")
