@@ -171,10 +171,22 @@ def vllm_all(python: str, models: dict[str, str], wins: list[dict], work: Path, 
                "enforce_eager": args.enforce_eager, "out": str(dest)}
         _, cost = run([python, "-c", VLLM_SCRIPT, json.dumps(job)], work / f"vllm-{name}.log",
                       env={**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"})
-        out[name] = {**json.loads(dest.read_text()), "process_wall_s": cost["wall_s"]}
+        out[name] = {**json.loads(dest.read_text()), "process_wall_s": cost["wall_s"],
+                     "kernels": kernel_lines(work / f"vllm-{name}.log")}
         print(f"vllm {name}: quantization {out[name]['quantization']}, ppl {out[name]['ppl']:.3f}, "
               f"{out[name]['decode_tps']:.0f} tok/s, answer 1: {out[name]['answers'][0][:60]!r}", file=sys.stderr)
     return out
+
+
+def kernel_lines(log: Path) -> list[str]:
+    """What vLLM logged about the scheme and GEMM kernels it chose (e.g. "Selected CutlassFP8ScaledMMLinearKernel
+    for CompressedTensorsW8A8Fp8"; Ampere: FP8 Marlin, weight-only), de-duplicated, at most 10 lines."""
+    keys = ("Selected", "CompressedTensorsW8A8", "Marlin", "ScaledMM", "kernel")
+    seen: dict[str, None] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if any(k in line for k in keys):
+            seen.setdefault(line.split("] ", 1)[-1].strip()[:200], None)
+    return list(seen)[:10]
 
 
 def table(result: dict) -> str:
