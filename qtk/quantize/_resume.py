@@ -49,6 +49,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._cadence import cadence_from_env, cadenced_config
 from ._patch import gptqmodel_version, patched, source_digest
 from .base import RunContext
 from .source import file_sha256, safetensors_header
@@ -252,7 +253,9 @@ def _fixes(ctx: RunContext, method: str) -> tuple[dict, str | None]:
 def checkpointing(ctx: RunContext, model, method: str, run_args: dict | None = None
                   ) -> Iterator[tuple[object | None, dict]]:
     """Yields ``(checkpoint, details)``: pass ``checkpoint`` to ``model.quantize(checkpoint=..., **run_args)``
-    (None: no checkpointing), and put ``details`` in the method's provenance details."""
+    (None: no checkpointing), and put ``details`` in the method's provenance details. How often a checkpoint
+    is published is :mod:`._cadence`'s (``QTK_RESUME_EVERY``); after the block, ``details`` says how many
+    were written and what they cost (``resume_checkpoints``)."""
     if ctx.work_dir is None:
         yield None, {"resume": "off"}
         return
@@ -263,8 +266,6 @@ def checkpointing(ctx: RunContext, model, method: str, run_args: dict | None = N
     if why_not:
         yield None, {"resume": f"off: {why_not}"}
         return
-    from gptqmodel.looper.checkpoint_store import CheckpointConfig
-
     try:
         from gptqmodel.looper.gptq_checkpoint import validate_checkpoint_support
 
@@ -273,8 +274,12 @@ def checkpointing(ctx: RunContext, model, method: str, run_args: dict | None = N
         yield None, {"resume": f"unsupported by gptqmodel here: {exc}"}
         return
     state = _prepare(Path(ctx.work_dir), run_identity(ctx, method, run_args))
-    cfg = CheckpointConfig(path=str(Path(ctx.work_dir) / _STORE), resume="auto", interval="layer:1", keep_last=2)
+    cadence = cadence_from_env()
+    cfg, timed, why_not = cadenced_config(str(Path(ctx.work_dir) / _STORE), cadence)
+    details = {"resume": state, **({"resume_gptqmodel_fixes": sorted(fixes)} if fixes else {})}
     with contextlib.ExitStack() as stack:
         for fix in fixes.values():
             stack.enter_context(fix())
-        yield cfg, {"resume": state, **({"resume_gptqmodel_fixes": sorted(fixes)} if fixes else {})}
+        stack.enter_context(timed())
+        yield cfg, details
+    details["resume_checkpoints"] = cadence.summary(why_not)

@@ -30,6 +30,11 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_gptqmodel_env() -> None:
+    """Before GPTQModel loads anything: refuse a bad ``QTK_RESUME_EVERY`` (the resume checkpoints' cadence,
+    :mod:`._cadence`) and size GPTQModel's CPU worker pool."""
+    from ._cadence import cadence_from_env
+
+    cadence_from_env()
     # GPTQModel's CPU worker pool asks for 2 workers even on small machines ("Virtual pool ...
     # requests 2 workers" on <= 2 cores); give it what it asks for.
     if (os.cpu_count() or 1) <= 2:
@@ -128,9 +133,9 @@ def quantize_resumable(ctx: RunContext, model, method: str, **kwargs) -> dict:
             if checkpoint is None or not refused:  # e.g. "another writer owns this checkpoint directory": not ours
                 raise
             discard(ctx)
-            details = {"resume": f"discarded (gptqmodel: {exc})"}
-            with checkpointing(ctx, model, method, kwargs) as (checkpoint, _):
+            with checkpointing(ctx, model, method, kwargs) as (checkpoint, again):
                 model.quantize(rows, checkpoint=checkpoint, **kwargs)
+            details = {**again, "resume": f"discarded (gptqmodel: {exc})"}
     return details
 
 
