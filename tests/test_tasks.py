@@ -229,26 +229,30 @@ def test_task_inputs_change_with_the_task_files_only(tmp_path):
 # ----------------------------------------------------------------------------------- progress, report
 
 class _Req:
-    def __init__(self, task, doc):
-        self.task_name, self.doc_id = task, doc
+    def __init__(self, task, doc, text=""):
+        self.task_name, self.doc_id, self.args = task, doc, (text, " a")
 
 
 def test_requests_go_to_the_model_in_slices_of_whole_documents():
+    """Progress after each slice; a document's requests never split; longest documents first (batches of
+    similar lengths); the answers come back in lm-eval's order."""
     from qtk.verify.tasks import _Metered
 
     calls, reports = [], []
 
     class LM:
         def loglikelihood(self, reqs):
-            calls.append([(r.task_name, r.doc_id) for r in reqs])
-            return [(0.0, True)] * len(reqs)
+            calls.append(reqs)
+            return [r.args for r in reqs]  # an answer that names its request
 
-    reqs = [_Req("t", d) for d in range(40) for _ in range(4)] + [_Req("u", 0)] * 3  # 41 documents
+    reqs = [_Req("t", d, "x" * (d % 7 + 1)) for d in range(40) for _ in range(4)] + [_Req("u", 0, "y")] * 3
     meter = _Metered(LM(), lambda done, total: reports.append((done, total)))
-    assert len(meter.run("loglikelihood", reqs)) == len(reqs)
-    docs_per_call = [set(c) for c in calls]
-    assert sum(len(c) for c in calls) == len(reqs) and len(calls) == 3  # 16 + 16 + 9 documents
+    assert meter.run("loglikelihood", reqs) == [r.args for r in reqs]
+    docs_per_call = [{(r.task_name, r.doc_id) for r in c} for c in calls]
+    assert sum(len(c) for c in calls) == len(reqs) and [len(d) for d in docs_per_call] == [16, 16, 9]
     assert all(not (a & b) for i, a in enumerate(docs_per_call) for b in docs_per_call[i + 1:])  # never split
+    lengths = [len(r.args[0]) for c in calls for r in c]
+    assert lengths == sorted(lengths, reverse=True)
     assert reports[0] == (0, 41) and reports[-1] == (41, 41) and [d for d, _ in reports] == sorted(d for d, _ in reports)
 
 

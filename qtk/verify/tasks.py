@@ -351,7 +351,11 @@ def lm_for(model, *, batch_size: int | str | None = None, max_length: int | None
 
 class _Metered:
     """Hands lm-eval's requests to the real LM in slices of whole documents, and reports after each
-    slice: documents done of the total (lm-eval passes all of a task's requests of one kind at once)."""
+    slice: documents done of the total (lm-eval passes all of a task's requests of one kind at once).
+
+    Documents go longest first, as HFLM would sort their requests: a slice then holds requests of similar
+    length, so its batches carry as little padding as one sorted call would (slices in the documents'
+    own order cost 1.47x the CPU time on qtk_cloze, measured). Answers come back in lm-eval's order."""
 
     def __init__(self, lm, on_docs: Callable[[int, int], None]) -> None:
         self.lm, self.on_docs = lm, on_docs
@@ -360,26 +364,24 @@ class _Metered:
         self.docs_total = 0
 
     def run(self, method: str, requests: list) -> list:
-        key = lambda r: (r.task_name, r.doc_id)  # noqa: E731
-        docs = list(dict.fromkeys(key(r) for r in requests))
+        by_doc: dict = {}
+        for i, r in enumerate(requests):
+            by_doc.setdefault((r.task_name, r.doc_id), []).append(i)
+        size = lambda idx: max(sum(len(str(a)) for a in requests[i].args) for i in idx)  # noqa: E731
+        docs = sorted(by_doc.values(), key=size, reverse=True)
         self.docs_total = max(self.docs_total, len(docs))
         per_slice = max(16, math.ceil(len(docs) / 100))
         self.on_docs(self.docs_done, self.docs_total)  # the clock starts now
-        out: list = []
-        i = 0
-        while i < len(requests):
-            first = key(requests[i])
-            seen = {first}
-            j = i
-            while j < len(requests) and (key(requests[j]) in seen or len(seen) < per_slice):
-                seen.add(key(requests[j]))
-                j += 1
+        out: list = [None] * len(requests)
+        for k in range(0, len(docs), per_slice):
+            idx = [i for doc in docs[k:k + per_slice] for i in doc]
             t0 = time.monotonic()
-            out += getattr(self.lm, method)(requests[i:j])
+            answers = getattr(self.lm, method)([requests[i] for i in idx])
             self.seconds += time.monotonic() - t0
-            self.docs_done = min(self.docs_done + len(seen), self.docs_total)
+            for i, a in zip(idx, answers):
+                out[i] = a
+            self.docs_done = min(self.docs_done + len(docs[k:k + per_slice]), self.docs_total)
             self.on_docs(self.docs_done, self.docs_total)
-            i = j
         return out
 
 
