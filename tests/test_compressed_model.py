@@ -247,6 +247,18 @@ def test_plan_sizes_the_outputs_within_5_percent(src, outs):
         assert abs(planned - on_disk) / on_disk < 0.05, (name, planned, on_disk)
 
 
+def test_cli_keeps_the_backend_in_the_log(qtk, smol_layers, tmp_path, monkeypatch):
+    """compressed-tensors' bars and loguru lines go to the run's log; the terminal gets qtk's few lines."""
+    monkeypatch.setenv("QTK_LOG_DIR", str(tmp_path / "logs"))
+    r = qtk("quantize", str(smol_layers(2)), "--method", "fp8", "-o", str(tmp_path / "f"))
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "f")
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) <= 4 and "Done in" in lines[-1] and "fp8 8-bit" in lines[-1], r.stderr
+    (log,) = (tmp_path / "logs").glob("*.log")
+    assert "Compressing model" in log.read_text() and "Compressing" not in r.stderr
+
+
 @pytest.mark.slow
 def test_qtk_verify_measures_both_outputs(qtk, src, outs, tmp_path):
     report = tmp_path / "r.json"
