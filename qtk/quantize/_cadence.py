@@ -11,9 +11,11 @@ hashes in one run; BENCHMARKS.md), and more wall time where fsync is slow.
 qtk keeps GPTQModel's checkpoint and picks the layer boundaries that publish one (``QTK_RESUME_EVERY``):
 
 - default: a boundary publishes one once both ``60 s`` have passed since the previous one ended (since
-  the run started, for the first) and that gap is at least 19 times what the previous one took, so an
-  uninterrupted run spends at most 5 % of its time on checkpoints (plus the one GPTQModel always writes
-  after the last layer); a run killed loses at most ~60 s or 20 checkpoint-times of work, plus one layer;
+  the run started, for the first) and that gap is at least 19 times what the previous one took. Every
+  checkpoint is thus followed by >= 19 times its own duration of work before the next, so an uninterrupted
+  run spends at most 5 % of its time on them, apart from the last one before the end and the one GPTQModel
+  always writes after the last layer. A run killed loses at most max(60 s, 19 checkpoint-times) of work
+  plus one layer;
 - ``QTK_RESUME_EVERY=<seconds>`` (``30``, ``2.5s``; ``0``: only the 5 % rule) sets that minimum gap;
 - ``QTK_RESUME_EVERY=layer``: after every layer (GPTQModel's own default; for tests of resume itself).
 
