@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from qtk.hub.mirror.app import MirrorAuth, MirrorHandler, MirrorServer, MirrorUser, RepoPolicy
-from qtk.hub.mirror.store import MirrorStore, StoredFile, git_blob_sha1, is_lfs_name
+from qtk.mirror.app import MirrorAuth, MirrorHandler, MirrorServer, MirrorUser, RepoPolicy
+from qtk.mirror.store import MirrorStore, StoredFile, git_blob_sha1, is_lfs_name
 
 ALICE = "hf_aliceTESTtoken0000000000000000000"  # has access to the gated and private repos
 BOB = "hf_bobTESTtoken00000000000000000000000"  # valid user, no access
@@ -97,7 +97,7 @@ class FaultyHandler(MirrorHandler):
     def _resolve(self, repo_type, segs, head):
         path = "/".join(segs[4:])
         if path in self.server.faults.hide:
-            from qtk.hub.mirror.app import _HTTPError
+            from qtk.mirror.app import _HTTPError
 
             raise _HTTPError(404, "EntryNotFound", f"{path} does not exist")
         super()._resolve(repo_type, segs, head)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qtk.hub.mirror.request import Rejected, parse_target
-from qtk.hub.mirror.store import MirrorStore
+from qtk.mirror.request import Rejected, parse_target
+from qtk.mirror.store import MirrorStore
 from qtk.hub.names import REPO_ID_MAX, check_repo_id, is_repo_id
 from qtk.provision.manifest import ManifestError, load_manifest
 
@@ -199,7 +199,7 @@ def test_is_repo_id_agrees_with_huggingface_hub(value):
 
 def test_one_list_of_route_words():
     from qtk.hub import names
-    from qtk.hub.mirror import store
+    from qtk.mirror import store
 
     assert names.RESERVED_NAMESPACES == RESERVED_NAMESPACES and store.RESERVED_NAMESPACES is names.RESERVED_NAMESPACES
 
@@ -207,3 +207,56 @@ def test_one_list_of_route_words():
 def test_the_length_limit_is_per_part():
     assert is_repo_id("o" * REPO_ID_MAX + "/" + "n" * REPO_ID_MAX)
     assert not is_repo_id("o/" + "n" * (REPO_ID_MAX + 1))
+
+
+# ------------------------------------------------------------------ what qtk serve lists vs what qtk pull writes
+
+from qtk.hub.names import PATH_PART_MAX, REPO_PATH_MAX, is_hidden_part, is_served_part, pull_path_problem  # noqa: E402
+
+
+def _served_by_rule(path: str) -> bool:
+    return len(path) <= REPO_PATH_MAX and all(not is_hidden_part(p) and is_served_part(p) for p in path.split("/"))
+
+
+SERVE_VS_PULL = [  # (path in the repo, qtk serve lists it, qtk pull writes it)
+    ("config.json", True, True),
+    ("sub/dir/w 1.safetensors", True, True),
+    ("é-ü.txt", True, True),
+    (".gitattributes", False, True),  # serve hides every dot name; pull accepts the Hub's two top-level ones
+    (".gitignore", False, True),
+    (".git/config", False, False),
+    ("sub/.cache/x", False, False),
+    ("sub/.gitattributes", False, False),
+    ("a" * 230 + ".bin", True, False),  # pull keeps room for its records' suffixes (PATH_PART_MAX bytes)
+    ("sub/C:x.txt", False, True),  # serve refuses a drive letter in any part, pull only at the start
+    ("C:x.txt", False, False),
+    ("back\\slash.txt", False, False),
+    ("ctl\x01.txt", False, False),
+]
+
+
+@pytest.mark.parametrize("path,listed,pulled", SERVE_VS_PULL)
+def test_serve_and_pull_path_rules_differ_only_where_documented(tmp_path, path, listed, pulled):
+    """The mirror's listing (a real walk) follows qtk.hub.names' served rules; pull_path_problem decides
+    pulls; the two differ exactly as is_served_part's docstring says."""
+    repo = tmp_path / "acme" / "m"
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_bytes(b"x")
+    (repo / "keep.txt").write_bytes(b"k")  # the repo exists whatever happens to `path`
+    snap = MirrorStore(tmp_path).revision("model", "acme/m", "main")
+    assert (path in snap.files) == listed == _served_by_rule(path)
+    assert (pull_path_problem(path) is None) == pulled
+
+
+_PATH_PART = st.text(alphabet=st.sampled_from(list("aZ9_-.: é\\") + ["\x01"]), max_size=6) | st.just("a" * 201)
+
+
+@given(st.lists(_PATH_PART, min_size=1, max_size=4))
+def test_what_one_qtk_serves_another_pulls(parts):
+    """served == pulled, except the three documented differences (left out here): a hidden top-level
+    .gitattributes/.gitignore, a part over PATH_PART_MAX bytes, a drive letter in a later part."""
+    path = "/".join(parts)
+    if parts[0] in (".gitattributes", ".gitignore") or any(len(p.encode("utf-8")) > PATH_PART_MAX for p in parts) \
+            or any(len(p) > 1 and p[1] == ":" and p[0].isascii() and p[0].isalpha() for p in parts[1:]):
+        return
+    assert _served_by_rule(path) == (pull_path_problem(path) is None), path

@@ -18,7 +18,7 @@ from qtk import errors
 from qtk.hub._fetch import resolver
 from qtk.hub._retry import RetryPolicy
 from qtk.hub.download import plan_pull, pull
-from qtk.hub.mirror.app import RepoPolicy
+from qtk.mirror.app import RepoPolicy
 from qtk.settings import Settings
 
 BIG = 64 * 1024 * 1024 + 4321  # 32 ranges of ~2 MiB at 16 connections

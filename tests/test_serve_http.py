@@ -20,7 +20,7 @@ import pytest
 from hubtest import start_server
 from servetest import SECRETS, build_hostile_store, parse_responses, raw_request
 
-from qtk.hub.mirror.app import load_auth
+from qtk.mirror.app import load_auth
 
 PUBLIC = "/acme/public/resolve/main/model.safetensors"  # 4096 bytes of zeros (servetest.PUBLIC_FILES)
 SIZE = 4096

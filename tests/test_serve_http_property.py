@@ -21,8 +21,8 @@ from hypothesis import strategies as st  # noqa: E402
 from hubtest import start_server  # noqa: E402
 from servetest import SECRETS, build_hostile_store, parse_responses  # noqa: E402
 
-from qtk.hub.mirror.app import load_auth  # noqa: E402
-from qtk.hub.mirror.http1 import BadHead, parse_head  # noqa: E402
+from qtk.mirror.app import load_auth  # noqa: E402
+from qtk.mirror.http1 import BadHead, parse_head  # noqa: E402
 
 PARSER_TABLE = [  # (head, status or None when accepted)
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", None),

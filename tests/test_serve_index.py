@@ -18,10 +18,10 @@ from hubtest import write_plain_repo
 from servetest import raw_request
 
 from qtk import errors
-from qtk.hub.mirror import hashindex
-from qtk.hub.mirror.app import MirrorServer
-from qtk.hub.mirror.hashindex import file_key
-from qtk.hub.mirror.service import INDEX_FILE, open_store
+from qtk.mirror import hashindex
+from qtk.mirror.app import MirrorServer
+from qtk.mirror.hashindex import file_key
+from qtk.mirror.service import INDEX_FILE, open_store
 
 CONTENT = os.urandom(3000)
 TRUE_SHA = hashlib.sha256(CONTENT).hexdigest()

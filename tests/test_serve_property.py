@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hubtest import BOB, start_server  # noqa: E402
 from servetest import SECRETS, build_hostile_store, raw_request  # noqa: E402
 
-from qtk.hub.mirror.app import load_auth  # noqa: E402
+from qtk.mirror.app import load_auth  # noqa: E402
 
 TOKENS = [
     "acme", "ACME", "Acme", "internal", "INTERNAL", "public", "gated", "foo", "secret", "cached-private",

@@ -15,7 +15,7 @@ import pytest
 from hubtest import ALICE, BOB, start_server
 from servetest import PUBLIC_FILES, SECRETS, auth_header, build_hostile_store, raw_request
 
-from qtk.hub.mirror.app import load_auth
+from qtk.mirror.app import load_auth
 
 ANON, B, A = None, BOB, ALICE
 

@@ -21,9 +21,9 @@ import pytest
 from hubtest import ALICE, BOB, write_plain_repo
 from servetest import connect, raw_request
 
-from qtk.hub.mirror.app import MirrorAuth, MirrorHandler, MirrorServer, MirrorUser, RepoPolicy
-from qtk.hub.mirror.service import tls_context
-from qtk.hub.mirror.store import MirrorStore
+from qtk.mirror.app import MirrorAuth, MirrorHandler, MirrorServer, MirrorUser, RepoPolicy
+from qtk.mirror.service import tls_context
+from qtk.mirror.store import MirrorStore
 
 BIG = os.urandom(24 * 1024 * 1024 + 5)
 

@@ -18,9 +18,9 @@ import pytest
 from hubtest import write_plain_repo
 from servetest import connect, raw_request
 
-from qtk.hub.mirror.app import MirrorServer
-from qtk.hub.mirror.server import MAX_PER_CLIENT
-from qtk.hub.mirror.store import MirrorStore
+from qtk.mirror.app import MirrorServer
+from qtk.mirror.server import MAX_PER_CLIENT
+from qtk.mirror.store import MirrorStore
 
 BIG = os.urandom(24 * 1024 * 1024 + 7)
 PATHS_INFO = b"POST /api/models/acme/m/paths-info/main HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"

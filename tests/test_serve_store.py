@@ -14,11 +14,11 @@ import pytest
 from hubtest import write_plain_repo
 from servetest import raw_request
 
-from qtk.hub.mirror import hashindex
-from qtk.hub.mirror.app import MirrorServer
-from qtk.hub.mirror.hashindex import HashIndex
-from qtk.hub.mirror.service import open_store
-from qtk.hub.mirror.store import MirrorStore
+from qtk.mirror import hashindex
+from qtk.mirror.app import MirrorServer
+from qtk.mirror.hashindex import HashIndex
+from qtk.mirror.service import open_store
+from qtk.mirror.store import MirrorStore
 
 
 def serve(store: MirrorStore, **kw) -> MirrorServer:
@@ -190,7 +190,7 @@ def test_provision_store_serves_each_kept_version_under_its_commit(tmp_path):
     ps = ProvisionStore(tmp_path / "store")
     ps.init()
     _publish(ps, "qtk/m-gptq", "k1", b"one" * 1000, None)
-    store = MirrorStore(ps.root)
+    store = MirrorStore(ps.root, versions=ps)  # what qtk serve passes in
     srv = serve(store)
     port = srv.server_address[1]
     try:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from qtk import errors
-from qtk.hub.mirror.app import load_auth
+from qtk.mirror.app import load_auth
 
 MAX_DEPTH = 32  # qtk.tomlcheck.MAX_DEPTH
 
@@ -155,6 +155,6 @@ def test_the_limit_is_the_modules():
 
 def test_the_mirror_does_not_import_provision():
     """The shared checker sits below both: loading the mirror's access file pulls in no provision code."""
-    code = "import sys, qtk.hub.mirror.app; print([m for m in sys.modules if m.startswith('qtk.provision')])"
+    code = "import sys, qtk.mirror.app; print([m for m in sys.modules if m.startswith('qtk.provision')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

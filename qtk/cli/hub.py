@@ -275,7 +275,8 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
     import gc
     import signal
 
-    from ..hub.mirror import service
+    from ..mirror import service
+    from ..provision.store import ProvisionStore
 
     out = get_output()
     service.log_to_stderr()
@@ -283,7 +284,8 @@ def serve(directory: Path, host: str, port: int, access_file: Path | None, acces
         raise errors.UsageError("--tls-key needs --tls-cert.")
     access = service.read_access(access_file)
     tls = service.tls_context(tls_cert, tls_key) if tls_cert else None
-    store = service.open_store(directory, index_dir=index_dir, access=access)
+    # a provision store's published and kept versions: its view, passed in (the mirror never imports provision)
+    store = service.open_store(directory, index_dir=index_dir, access=access, versions=ProvisionStore(directory))
     for warning in service.exposure_warnings(directory, host, access_file, tls is not None):
         out.warn(warning)
     server = None

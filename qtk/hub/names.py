@@ -37,6 +37,8 @@ __all__ = [
     "check_pull_path",
     "check_pull_tree",
     "tree_conflict",
+    "is_hidden_part",
+    "is_served_part",
 ]
 
 REPO_ID_MAX = 96  # per part, as the Hub (huggingface_hub's validate_repo_id)
@@ -59,6 +61,8 @@ _OID_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,%d}[A-Za-z0-9_])?" % (REPO_ID_MAX - 2))
 # git check-ref-format: no control chars, space, ~ ^ : ? * [ \ DEL anywhere
 _REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20~^:?*\[\\\x7f]")
+# names that are a served part without further checks (the common case, decided by one regex)
+_PLAIN_PART_RE = re.compile(r"[A-Za-z0-9_\-+=,@~][A-Za-z0-9_.\-+=,@~ ]*")
 
 
 def is_commit_sha(value: object) -> bool:
@@ -166,6 +170,31 @@ def pull_path_problem(value: object) -> str | None:
 def is_pull_path(value: object) -> bool:
     """A repo path ``qtk pull`` may write (:func:`pull_path_problem`)."""
     return pull_path_problem(value) is None
+
+
+def is_hidden_part(part: str) -> bool:
+    """A file or directory name ``qtk serve`` never lists, at any depth, and skips without a warning:
+    one that starts with ``.`` (``.git``, ``.cache``, ``.qtk-provision``, ``.qtk-serve``, and also the
+    top-level ``.gitattributes``/``.gitignore`` that :func:`pull_path_problem` would accept)."""
+    return part.startswith(".")
+
+
+def is_served_part(part: str) -> bool:
+    """A file or directory name that is not hidden (:func:`is_hidden_part`) and that ``qtk serve`` lists:
+    valid UTF-8 and a repo path on its own (:func:`is_repo_path`: not empty, ``.`` or ``..``, no
+    backslash, control character or leading drive letter). A served path (at most
+    :data:`REPO_PATH_MAX` characters) is one whose every part is served.
+
+    Against :func:`pull_path_problem` (what one qtk serves, another pulls): every served path whose
+    parts are at most :data:`PATH_PART_MAX` bytes is one ``qtk pull`` writes; longer parts (up to the
+    file system's 255) are served, for clients that keep no records beside a file (``hf download``)."""
+    if _PLAIN_PART_RE.fullmatch(part):
+        return True
+    try:
+        part.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "/" not in part and is_repo_path(part)
 
 
 def _refuse(kind: str, value: object, why: str) -> errors.UnsafePathError:

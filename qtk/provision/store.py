@@ -339,6 +339,11 @@ class ProvisionStore:
         target = Path(os.readlink(link)).name
         return target if (self.artifacts / target).is_dir() else None
 
+    @property
+    def versions_root(self) -> Path:
+        """Where published versions live (:class:`qtk.mirror.store.PublishedVersions`, for ``qtk serve``)."""
+        return self.artifacts
+
     def kept_versions(self, repo_id: str) -> list[Path]:
         """Published version directories still on disk for ``repo_id``: the current one first, then the
         ones its record keeps (the previous version, for nodes mid-download). ``qtk serve`` serves each

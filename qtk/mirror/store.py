@@ -2,9 +2,10 @@
 
 * plain folders: ``DIR/<ns>/<name>/...`` (models) and ``DIR/datasets/<ns>/<name>/...``. One revision,
   ``main``, whose commit sha is derived from the file names and contents (it changes when they do).
-* a provision store (``DIR/.qtk-provision`` exists, ``DIR/<ns>/<name>`` is a symlink into its
-  ``artifacts/``): ``main`` is the published version, and every version qtk provision keeps (the
-  previous one, for nodes mid-download) stays reachable under its own commit sha.
+* a provision store (``DIR/<ns>/<name>`` is a symlink into the directory of published versions of a
+  :class:`PublishedVersions` passed in, ``qtk provision``'s store: ``qtk serve`` builds it): ``main`` is
+  the published version, and every version the publisher keeps (the previous one, for nodes
+  mid-download) stays reachable under its own commit sha. The mirror never imports the publisher.
 * a Hugging Face cache: ``DIR/models--ns--name/{blobs,snapshots,refs}`` (e.g. ``$HF_HUB_CACHE``): every
   cached snapshot is a revision, ``refs/`` give the branch and tag names.
 
@@ -21,7 +22,7 @@ Safety rules (the request parser has already refused malformed names; the store 
   name matches case-insensitively, and answers with that canonical spelling. Two directories that differ
   only in case (``Acme/X`` and ``acme/x``) make that id ambiguous: neither is served (logged).
 
-Hashes come from :class:`~qtk.hub.mirror.hashindex.HashIndex` (persistent, keyed on the real file's
+Hashes come from :class:`~qtk.mirror.hashindex.HashIndex` (persistent, keyed on the real file's
 dev/inode/size/mtime/ctime); in the cache layout the blob name already is the hash. Listings are cached
 and revalidated at most every ``listing_ttl`` seconds by ``stat`` (directories and files, no hashing
 unless something changed; repos with more than ``BACKGROUND_REVALIDATE`` paths off the request path, and
@@ -40,13 +41,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
-from ..names import REPO_PATH_MAX, RESERVED_NAMESPACES, is_commit_sha, is_ref_name, is_repo_id, is_repo_path
+from ..hub.names import (REPO_PATH_MAX, RESERVED_NAMESPACES, is_commit_sha, is_hidden_part, is_ref_name, is_repo_id,
+                         is_served_part)
 from .hashindex import FileKey, HashIndex, file_key
 
-__all__ = ["MirrorStore", "RepoEntry", "RepoRevision", "StoredFile", "LFS_MIN_SIZE", "git_blob_sha1",
-           "is_lfs_name", "lfs_pointer"]
+__all__ = ["MirrorStore", "PublishedVersions", "RepoEntry", "RepoRevision", "StoredFile", "LFS_MIN_SIZE",
+           "git_blob_sha1", "is_lfs_name", "lfs_pointer"]
 
 log = logging.getLogger("qtk.mirror")
 
@@ -57,8 +59,6 @@ _LFS_SUFFIXES = {
 }
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_\-+=,@~][A-Za-z0-9_.\-+=,@~ ]*")  # no check beyond this needed
-PROVISION_DIR = ".qtk-provision"
 BACKGROUND_REVALIDATE = 2000  # listings watching more paths than this are re-stat'ed off the request path
 
 
@@ -76,6 +76,23 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class PublishedVersions(Protocol):
+    """A publisher's view of the repos it manages in the served directory, passed into the mirror
+    (:class:`qtk.provision.store.ProvisionStore` implements it; ``qtk serve`` passes one in). A repo
+    folder that is a symlink to a directory directly below :attr:`versions_root` is managed: the mirror
+    serves its current target as ``main`` and each of :meth:`kept_versions` under its own commit."""
+
+    @property
+    def versions_root(self) -> Path:
+        """The directory holding every published version, one directory each."""
+        ...
+
+    def kept_versions(self, repo_id: str) -> list[Path]:
+        """The version directories still served for ``repo_id``, the current one first (the publisher's
+        policy: the mirror serves what this returns, confined to :attr:`versions_root`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -144,8 +161,11 @@ class IndexStats:
 
 class MirrorStore:
     def __init__(self, root: str | Path, *, index: HashIndex | None = None, exclude: Iterable[str | Path] = (),
-                 listing_ttl: float = 2.0, catalog_ttl: float = 2.0) -> None:
+                 listing_ttl: float = 2.0, catalog_ttl: float = 2.0, versions: PublishedVersions | None = None) -> None:
+        """``versions``: the publisher managing repos in ``root`` (a provision store), or None: every repo
+        folder serves its one current directory."""
         self.root = Path(root)
+        self.versions = versions
         self.index = index if index is not None else HashIndex(None)
         self.listing_ttl, self.catalog_ttl = listing_ttl, catalog_ttl
         self._excluded: set[tuple[int, int]] = set()
@@ -182,7 +202,7 @@ class MirrorStore:
         found: list[RepoEntry] = []
         for e in _scandir(self.root):
             name = e.name
-            if name.startswith(".") or not _is_dir(e):
+            if is_hidden_part(name) or not _is_dir(e):
                 continue
             if "--" in name:
                 kind, _, rest = name.partition("--")
@@ -211,12 +231,12 @@ class MirrorStore:
         return catalog
 
     def _plain_repos(self, repo_type: str, ns: os.DirEntry) -> list[RepoEntry]:
-        if ns.name.startswith(".") or "--" in ns.name or not _is_dir(ns):
+        if is_hidden_part(ns.name) or "--" in ns.name or not _is_dir(ns):
             return []
         out = []
         for e in _scandir(ns.path):
             rid = f"{ns.name}/{e.name}"
-            if e.name.startswith("."):
+            if is_hidden_part(e.name):
                 continue
             if not is_repo_id(rid):
                 self.warn_once(f"Skipping {e.path}: {rid!r} is not a valid repo id.")
@@ -285,16 +305,15 @@ class MirrorStore:
             current = os.path.realpath(entry.path)
         except OSError:
             return []
-        artifacts = os.path.realpath(self.root / PROVISION_DIR / "artifacts")
-        if not entry.path.is_symlink() or not _inside(current, artifacts) or current == artifacts:
+        if self.versions is None or not entry.path.is_symlink():
             return [current]
-        from ...provision.store import ProvisionStore
-
-        kept = ProvisionStore(self.root).kept_versions(entry.repo_id)
+        published = os.path.realpath(self.versions.versions_root)
+        if not _inside(current, published) or current == published:
+            return [current]
         out = [current]
-        for p in kept:
+        for p in self.versions.kept_versions(entry.repo_id):
             real = os.path.realpath(p)
-            if real not in out and _inside(real, artifacts) and real != artifacts:
+            if real not in out and _inside(real, published) and real != published:
                 out.append(real)
         return out
 
@@ -429,15 +448,15 @@ class MirrorStore:
 
     def _visit(self, e: os.DirEntry, rel_dir: str, allowed: str, label: str, found: dict, stack: list) -> None:
         name = e.name
-        if name.startswith("."):
+        if is_hidden_part(name):
             return
         rel = f"{rel_dir}/{name}" if rel_dir else name
         try:
             name.encode("utf-8")
-        except UnicodeEncodeError:
+        except UnicodeEncodeError:  # (is_served_part refuses it too; such a name cannot be logged)
             self.warn_once(f"{label}: skipping {rel_dir or '.'}/<a name that is not UTF-8>.")
             return
-        if len(rel) > REPO_PATH_MAX or not (_PLAIN_NAME.fullmatch(name) or is_repo_path(name)):
+        if len(rel) > REPO_PATH_MAX or not is_served_part(name):
             self.warn_once(f"{label}: skipping {rel!r}: not a valid repo path.")
             return
         try:

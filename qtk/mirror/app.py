@@ -10,7 +10,7 @@ Routes (GET and HEAD, and the one POST, paths-info; anything else is 405)::
     HEAD/GET /datasets/{ns}/{name}/resolve/{rev}/{path}
     GET  /api/whoami-v2
 
-Every request target goes through :func:`~qtk.hub.mirror.request.parse_target` first (decode once,
+Every request target goes through :func:`~qtk.mirror.request.parse_target` first (decode once,
 validate); every repo route then asks one question, :meth:`MirrorHandler._repo`, on the repo's canonical
 id (type + ``ns/name`` as spelled on disk; ids are case-insensitive, as on the Hub). Errors carry
 ``X-Error-Code`` / ``X-Error-Message`` as the Hub's do; header values are printable ASCII only. An
@@ -37,9 +37,9 @@ from email.utils import formatdate, mktime_tz, parsedate_tz
 from pathlib import Path
 from urllib.parse import quote
 
-from ... import __version__, errors
-from ...tomlcheck import Array, read_toml
-from ..names import repo_id_problem
+from .. import __version__, errors
+from ..tomlcheck import Array, read_toml
+from ..hub.names import repo_id_problem
 from .hashindex import file_key
 from .request import MAX_BODY, MirrorRequest, Rejected, parse_paths_body, parse_target, safe_header
 from .server import PooledHTTPServer, PooledRequestHandler

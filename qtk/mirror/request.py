@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from ..names import is_ref_name, is_repo_id, is_repo_path
+from ..hub.names import is_ref_name, is_repo_id, is_repo_path
 
 __all__ = ["MAX_TARGET", "Rejected", "MirrorRequest", "parse_target", "parse_paths_body", "safe_header"]
 

@@ -10,11 +10,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import errors
+from .. import errors
 from .app import MirrorAuth, MirrorServer, load_auth
 from .hashindex import HashIndex, IndexNotTrusted, default_index_dir
 from .server import MAX_PER_CLIENT
-from .store import MirrorStore
+from .store import MirrorStore, PublishedVersions
 
 __all__ = ["ServeOptions", "exposure_warnings", "open_store", "tls_context", "make_server", "log_to_stderr", "read_access"]
 
@@ -43,9 +43,11 @@ def log_to_stderr() -> None:
         logger.propagate = False
 
 
-def open_store(directory: Path, *, index_dir: Path | None = None, access: MirrorAuth | None = None) -> MirrorStore:
+def open_store(directory: Path, *, index_dir: Path | None = None, access: MirrorAuth | None = None,
+               versions: PublishedVersions | None = None) -> MirrorStore:
     """The store over ``directory`` with its hash index (``DIR/.qtk-serve`` if writable, else under the
-    user's cache, or ``index_dir``)."""
+    user's cache, or ``index_dir``); ``versions``: the publisher that manages repos there (the CLI passes
+    ``qtk provision``'s store view, :class:`~qtk.mirror.store.PublishedVersions`)."""
     where = index_dir or default_index_dir(directory)
     try:
         index = HashIndex(where / INDEX_FILE)  # the directory is created 0700, the database 0600
@@ -57,7 +59,8 @@ def open_store(directory: Path, *, index_dir: Path | None = None, access: Mirror
             raise errors.NotWritableError(f"Cannot open the hash index in {where}: {exc}.", hint=hint) from exc
         logging.getLogger("qtk.mirror").warning("hash index kept in memory only (%s not writable: %s)", where, exc)
         index = HashIndex(None)
-    return MirrorStore(directory, index=index, exclude=[access.source] if access and access.source else ())
+    return MirrorStore(directory, index=index, exclude=[access.source] if access and access.source else (),
+                       versions=versions)
 
 
 def tls_context(cert: Path, key: Path | None) -> ssl.SSLContext:
