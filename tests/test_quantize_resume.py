@@ -160,7 +160,7 @@ def test_killed_run_resumes_to_the_same_bytes(method, smol_layers, smol_in_hf_ca
     resumes from a plain directory (GPTQModel 7.6 needs qtk's restore fix for it)."""
     pytest.importorskip("gptqmodel")
     repo, snap, env = smol_in_hf_cache
-    env = {**env, "GPTQMODEL_CPU_WORKERS": "2"}
+    env = {**env, "GPTQMODEL_CPU_WORKERS": "2", "QTK_RESUME_EVERY": "layer"}  # a checkpoint per layer (default: by time)
     plain = smol_layers(2)
     fresh = tmp_path / "fresh"
     r = subprocess.run(_quantize_cmd(plain, fresh, method), capture_output=True, text=True, env=env)
@@ -305,7 +305,7 @@ def test_killed_at_a_random_layer_resumes_to_the_same_bytes_under_the_same_threa
     k = int(os.environ.get("QTK_TEST_KILL_LAYER") or random.randint(1, layers - 1))
     print(f"kill at layer {k} of {layers} (replay: QTK_TEST_KILL_LAYER={k})")
     src = smol_layers(layers)
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": "2", "QTK_RESUME_EVERY": "layer"}
     fresh = tmp_path / "fresh"
     r = subprocess.run(_quantize_cmd(src, fresh, "gptq"), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
