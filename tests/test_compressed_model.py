@@ -144,7 +144,7 @@ def test_smoothing_moves_scales_between_norms_and_linears(src, outs):
     prov = json.loads((outs["w8a8"] / PROVENANCE_FILE).read_text())
     sm = prov["method_details"]["smoothing"]
     assert (sm["groups"], sm["linears"], sm["alpha"]) == (2 * LAYERS, 5 * LAYERS, 0.5)
-    assert sm["logits_rel_error"] < 1e-3 and sm["tokens"] == W8A8_CAL["samples"] * W8A8_CAL["seq_len"]
+    assert sm["layer_rel_error"] < 5e-2 and sm["tokens"] == W8A8_CAL["samples"] * W8A8_CAL["seq_len"]
     assert prov["calibration"]["samples"] == W8A8_CAL["samples"]
     raw = json.loads((outs["w8a8-raw"] / PROVENANCE_FILE).read_text())
     assert raw["method_details"]["smoothing"] == "off" and raw["calibration"] is None
@@ -219,8 +219,10 @@ def test_a_norm_that_does_not_scale_with_its_weight_is_skipped(src):
         assert ((model(x).logits - ref).norm() / ref.norm()).item() < 1e-4
 
 
-def test_smoothing_that_changes_the_function_is_refused(src, monkeypatch):
-    """A fold that forgets the linears (a norm whose output feeds something qtk did not see) is caught."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_smoothing_that_changes_the_function_is_refused(src, monkeypatch, dtype):
+    """A fold that forgets the linears (a norm whose output feeds something qtk did not see) is caught, in FP32
+    and in BF16 (whose own rounding of the scaled weights must not hide it, nor trip the check alone)."""
     from transformers import AutoModelForCausalLM
 
     def norms_only(model, groups, maxima, alpha):
@@ -230,11 +232,12 @@ def test_smoothing_that_changes_the_function_is_refused(src, monkeypatch):
                 modules[name].weight.mul_(0.5)
         return [2.0]
 
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    assert W.smooth(model, [list(range(3000, 3064))], 0.5)["layer_rel_error"] < W._MAX_REL_ERROR["half"] / 3
     monkeypatch.setattr(W, "fold", norms_only)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with pytest.raises(errors.QuantizeError) as e:
         W.smooth(model, [list(range(3000, 3064))], 0.5)
-    assert "Smoothing changed the model's output" in str(e.value) and "--no-smooth" in e.value.hint
+    assert "Smoothing changed what a decoder layer computes" in str(e.value) and "--no-smooth" in e.value.hint
 
 
 def test_plan_sizes_the_outputs_within_5_percent(src, outs):

@@ -4,8 +4,8 @@
 The pipeline, with the ``compressed-tensors`` package alone (llm-compressor does not install beside
 qtk's transformers pin):
 
-1. load the checkpoint with transformers (the whole model, on the device; FP32 on the CPU while a
-   method runs calibration passes through it: 7x faster there than BF16 without AVX512-BF16);
+1. load the checkpoint with transformers (the whole model, on the device, in its half type; FP32 on a
+   CPU without AVX512-BF16/AMX while a method runs calibration passes through it: BF16 is emulated there);
 2. a method's own preparation (W8A8: SmoothQuant smoothing, :mod:`qtk.quantize.w8a8`);
 3. cast to the dtype saved (the source's BF16/FP16; an FP32 source is saved as BF16);
 4. attach the preset scheme to every ``nn.Linear`` but ``lm_head`` (``apply_quantization_config``):
@@ -104,11 +104,15 @@ class CompressedMethod(Method):
         return {}
 
     def load_dtype(self, ctx: RunContext):
-        """The dtype the model is loaded in: FP32 on the CPU when calibration passes run through it."""
-        import torch
+        """The dtype the model is loaded in: the saved one, except on a CPU without fast BF16 matmuls
+        (AVX512-BF16/AMX) when calibration passes run through it: FP32 there (BF16 is emulated, ~7x slower;
+        with AMX, BF16 took 0.6x FP32's CPU time for SmolLM2's calibration forwards)."""
+        from .gguf import compute_dtype  # the one owner of "which dtype computes fast here"
 
-        if ctx.device == "cpu" and self.calibrates(ctx.options):
-            return torch.float32
+        if self.calibrates(ctx.options):
+            import torch
+
+            return compute_dtype(ctx.device) if compute_dtype(ctx.device) == torch.float32 else saved_dtype(ctx)
         return saved_dtype(ctx)
 
     def run(self, ctx: RunContext) -> dict:
