@@ -1,7 +1,8 @@
 """Task accuracy per format on SmolLM2-135M-Instruct through qtk verify's task path (lm-eval 0.4.13).
 
     python benchmarks/bench_tasks.py [--formats bf16,gptq,nf4,fp8,gguf-q4_1,gguf-q4_k_m] [--limit N]
-                                     [--device cpu] [--work .qtk-test-cache/bench-tasks] [--overhead] [--json out.json]
+                                     [--device cpu] [--work .qtk-test-cache/bench-tasks] [--overhead] [--threads N]
+                                     [--json out.json]
 
 Each format is built once under --work (GPTQ g64 with 32 x 256 chat samples as in the demo, NF4, FP8
 dynamic, GGUF Q4_K_M with an importance matrix; Q4_1 is the shipped GGUF), loaded like `qtk verify` loads
@@ -62,11 +63,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, default=Path(".qtk-test-cache") / "bench-tasks")
     ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch threads and llama.cpp threads (default: theirs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     from qtk.embedded import build_bf16_checkpoint
     from qtk.verify.models import open_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from qtk.verify.tasks import evaluate_model, lm_for, load_tasks, task_recovery
 
     cache = Path(os.environ.get("QTK_TEST_CACHE", Path(__file__).resolve().parent.parent / ".qtk-test-cache"))
@@ -76,10 +83,11 @@ def main() -> None:
     specs = {f: build(f, bf16, args.work) for f in formats}
     ts = load_tasks(["qtk_cloze"])
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "device": args.device, "limit": args.limit,
+              "threads": args.threads,
               "load_before": os.getloadavg(), "rows": []}
     ref = None
     for fmt, spec in specs.items():
-        m = open_model(spec, device=args.device, n_ctx=4096)
+        m = open_model(spec, device=args.device, n_ctx=4096, threads=args.threads)
         lm = lm_for(m, max_length=4096)
         c0, t0 = cpu_s(), time.monotonic()
         res = evaluate_model(lm, ts, limit=args.limit, seed=0)["qtk_cloze"]
