@@ -204,3 +204,76 @@ def test_git_blob_sha1_is_gits(data):
 def test_an_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="md5"):
         new_hasher(("md5", "x"), 1)
+
+
+# ------------------------------------------------------------------------ flow control and writeback
+
+
+def test_a_worker_far_ahead_of_the_hasher_waits_until_it_catches_up(tmp_path):
+    content = random.Random(6).randbytes(1024 * KiB)
+    t = _task(tmp_path, content, 256 * KiB)
+    for i in range(3):
+        _write(t, content, i, t.ranges[i][1])  # 768 KiB ready to hash
+    assert t.hash_lag() == 768 * KiB
+    told = []
+    hasher = Hasher(on_complete=lambda task: None, fail=pytest.fail)
+    done = threading.Event()
+    threading.Thread(target=lambda: (t.wait_for_hasher(100 * KiB, threading.Event(), lambda: told.append(1)),
+                                     done.set()), daemon=True).start()
+    assert not done.wait(0.3)  # waits: 768 KiB > 100 KiB
+    assert told  # and woke the hasher first
+    hasher.advance(t)
+    assert done.wait(5) and t.hash_lag() == 0
+    hasher.release_all()
+
+
+def test_bytes_beyond_a_gap_never_make_a_worker_wait(tmp_path):
+    """Ranges written after one that is still missing cannot be hashed yet: waiting for them would stall."""
+    content = random.Random(7).randbytes(1024 * KiB)
+    t = _task(tmp_path, content, 256 * KiB)
+    for i in (1, 2, 3):
+        _write(t, content, i, t.ranges[i][1])
+    assert t.hash_lag() == 0
+    t.wait_for_hasher(0, threading.Event(), lambda: None)  # returns at once
+
+
+def test_a_stop_ends_the_wait(tmp_path):
+    content = bytes(512 * KiB)
+    t = _task(tmp_path, content, 256 * KiB)
+    _write(t, content, 0, 256 * KiB)
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    t.wait_for_hasher(0, stop, lambda: None)
+    assert stop.is_set()
+
+
+def test_the_hasher_stops_feeding_a_hash_that_was_started_over(tmp_path, monkeypatch, recording):
+    from qtk.hub._fetch import hasher as hasher_mod
+
+    monkeypatch.setattr(hasher_mod, "HASH_PIECE", 64 * KiB)
+    content = random.Random(8).randbytes(512 * KiB)
+    t = _task(tmp_path, content, 512 * KiB)
+    _write(t, content, 0, 256 * KiB)
+    first = recording[-1]
+    real = hasher_mod._Map.hash
+
+    def rewind_after_first_piece(self, h, s, e):
+        real(self, h, s, e)
+        if h is first and s == 0:
+            t.restart_range(0, t.gen)  # the range is written again meanwhile
+
+    monkeypatch.setattr(hasher_mod._Map, "hash", rewind_after_first_piece)
+    Hasher(on_complete=lambda task: None, fail=pytest.fail).advance(t)
+    assert len(first.taken) == 64 * KiB  # one piece, then it noticed
+
+
+def test_writeback_is_started_for_what_was_hashed(tmp_path):
+    from qtk.hub._fetch import hasher as hasher_mod
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("not Linux")
+    assert hasher_mod._sync_file_range() is not None  # glibc has it; without it placing waits on a full fsync
+    with open(tmp_path / "f", "wb") as fh:
+        fh.write(b"x" * 100_000)
+        hasher_mod.start_writeback(fh.fileno(), 0, 100_000)
+    hasher_mod.start_writeback(-1, 0, 1)  # a hint: errors are ignored

@@ -7,7 +7,11 @@ grown by :data:`~.task.HASH_STEP` or a range is complete. It reads the part file
 per GiB, against 0.4 s for ``pread`` into a buffer), and what was hashed is dropped from the mapping
 (``MADV_DONTNEED``: the page cache keeps it, the process's RSS stays flat). It follows the *written prefix*
 (complete ranges, then the written head of the next range), not only complete ranges, so on a file cut into
-ranges over 16 connections it starts with the first MiB instead of after a quarter of the file.
+ranges over 16 connections it starts with the first MiB instead of after a quarter of the file. Progress is
+reported after every ``HASH_PIECE`` (workers that wait for the hasher, see :mod:`.task`, go on sooner), and
+each hashed piece is handed to the kernel's writeback at once (:func:`start_writeback`): the fsync that
+makes the file durable before it is placed then waits for little (0.01-0.05 s instead of 0.25-0.3 s for
+512 MiB here).
 
 Threads: ``_maps`` belongs to the hasher thread; other threads call :meth:`release` and :meth:`release_all`
 only once the thread has stopped (or for a task never submitted).
@@ -15,6 +19,9 @@ only once the thread has stopped (or for a task never submitted).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import mmap
 import queue
@@ -41,20 +48,44 @@ def new_hasher(digest: tuple[str, str], size: int):
     raise ValueError(f"unknown digest algorithm {algo!r}")
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None. Python's os module does not offer it."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` to disk now, without waiting: the
+    fsync before the file is placed then has little left to do (it took 0.25-0.4 s for 512 MiB here,
+    written back all at once). A hint: where it is not available, nothing happens."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 class _Map:
     """A read-only map of one part file."""
 
     def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
         self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         self.view = memoryview(self.mm)
 
     def hash(self, h, start: int, end: int) -> None:
-        for s in range(start, end, HASH_PIECE):
-            e = min(end, s + HASH_PIECE)
-            h.update(self.view[s:e])
-            if hasattr(mmap, "MADV_DONTNEED"):  # unmap what was hashed: RSS stays flat (the page cache keeps it)
-                low = s - s % mmap.PAGESIZE
-                self.mm.madvise(mmap.MADV_DONTNEED, low, e - low)
+        h.update(self.view[start:end])
+        start_writeback(self.fd, start, end - start)
+        if hasattr(mmap, "MADV_DONTNEED"):  # unmap what was hashed: RSS stays flat (the page cache keeps it)
+            low = start - start % mmap.PAGESIZE
+            self.mm.madvise(mmap.MADV_DONTNEED, low, end - low)
 
     def close(self) -> None:
         self.view.release()
@@ -98,8 +129,11 @@ class Hasher:
             m = self._maps.get(id(task))
             if m is None:
                 m = self._maps[id(task)] = _Map(fd, task.size)
-            m.hash(h, start, end)
-            task.hashed(h, end)
+            for s in range(start, end, HASH_PIECE):  # progress after each piece: waiting workers go on sooner
+                e = min(end, s + HASH_PIECE)
+                m.hash(h, s, e)
+                if not task.hashed(h, e):
+                    break  # hashing started over (bytes written again): the next hashable() says from where
         if task.take_complete():
             self.release(task)
             self._on_complete(task)

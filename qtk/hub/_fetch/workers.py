@@ -34,7 +34,7 @@ from .body import body_readinto
 from .job import Counters, ProgressSink
 from .session import REDIRECT_STATUS, Expired, Retryable, Session, Stop
 from .state import DISK_FULL
-from .task import FileTask, Stale
+from .task import HASH_LAG_MAX, FileTask, Stale
 
 __all__ = ["Shared", "Workers", "MAX_ATTEMPTS", "READ_SIZE"]
 
@@ -229,6 +229,8 @@ class Workers:
             pos += n
             if task.wrote(i, gen, pos):
                 s.to_hash(task)
+            if task.hash_lag() > HASH_LAG_MAX:  # the hasher needs the CPU more than this worker does
+                task.wait_for_hasher(HASH_LAG_MAX, s.stop, lambda: s.to_hash(task))
             s.after_write()
             s.counters.add("bytes_downloaded", n)
             s.progress.advance(task.job.key, n)
