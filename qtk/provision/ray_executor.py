@@ -36,6 +36,9 @@ import time
 from dataclasses import replace
 
 from .. import errors
+from .keys import StepInputs
+from .lease import host_id
+from .run import STAGES, Provisioner, StopRun, error_dict
 
 __all__ = ["run_on_ray", "artifact_task", "RemoteStepError", "MAX_RETRIES", "STAGES"]
 
@@ -71,22 +74,16 @@ def _import_ray():
     return ray
 
 
-STAGES = ("quantize", "verify")  # one Ray task each; "verify" = verify, gate, publish
-
-
 def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, commit: str,
                   stage: str = "quantize", before=None) -> dict:
     """One stage of one artifact on a Ray worker, with the local executor's code: ``quantize``, or
     ``verify`` (verify, gate, publish the build the quantize task left under its key; ``before`` is the
-    quantize task's result: its row and the inputs its key hashes, which this task uses as they are). Its failures are recorded, not raised; its events go to its own file in the
+    quantize task's result: its row and the inputs its key hashes, which this task uses as they are),
+    through Provisioner's public steps. Its failures are recorded, not raised; its events go to its own file in the
     store, which the driver follows. The model's files come from the shared HF cache; what this node
     does not see there (a node-local cache) it pulls itself first (resumable, under qtk pull's locks:
     once per node)."""
     import ray
-
-    from .keys import StepInputs
-    from .lease import host_id
-    from .run import Provisioner
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
@@ -106,21 +103,18 @@ def artifact_task(manifest, opts, run_id: str, model_name: str, repo_id: str, co
     prov.store.start_lease()
     row = quantize_inputs = None
     try:
-        mp = prov._plan_model(spec)
-        prov._state(mp)
+        mp = prov.plan(spec)
         r, row, inputs = mp.artifacts[0]
         quantize_inputs = inputs["quantize_inputs"].to_dict()
         if before is not None and before.get("row") is not None:  # what the quantize task did (this task's
             for step in ("pull", "quantize"):                     # own plan sees the build as done)
                 row.steps[step], row.reasons[step] = before["row"].steps[step], before["row"].reasons.get(step)
         if mp.pull_plan.missing:  # a node that does not see the driver's HF cache
-            prov._pull(mp)
-        prov._run_artifact(mp, r, row, inputs, stages=(stage,))
+            prov.pull(mp)
+        prov.run_artifact(mp, r, row, inputs, stages=(stage,))
         error = row.error
     except Exception as exc:  # noqa: BLE001 - planning failed on this node
-        from .run import _error_dict
-
-        error = _error_dict(exc)
+        error = error_dict(exc)
         prov.emit("plan", "error", model=model_name, artifact=repo_id, error=error)
     finally:
         prov.store.lease.close()
@@ -168,7 +162,8 @@ def _near(node_id: str) -> dict:
 
 
 def run_on_ray(prov, plans: list) -> None:
-    """Stage 2 of :class:`~qtk.provision.run.Provisioner` on Ray (the driver side). Ray's own messages
+    """Stage 2 of :class:`~qtk.provision.run.Provisioner` on Ray (the driver side; the executor
+    :func:`qtk.provision.provision` passes to :meth:`~qtk.provision.run.Provisioner.run`). Ray's own messages
     (a worker died, autoscaler notes) go to stderr: stdout stays the summary (``--json``)."""
     from .._stdio import stdout_to_stderr
 
@@ -178,8 +173,6 @@ def run_on_ray(prov, plans: list) -> None:
 
 def _run_on_ray(prov, plans: list) -> None:
     ray = _import_ray()
-    from .run import _Stop
-
     started = not ray.is_initialized()
     if started:
         ray.init(address=prov.opts.ray_address, include_dashboard=False, log_to_driver=prov.opts.backend_output,
@@ -201,7 +194,7 @@ def _run_on_ray(prov, plans: list) -> None:
 
     try:
         for mp in plans:
-            if not prov._pull_or_fail(mp):  # once per model, into the shared HF cache
+            if not prov.pull_or_record(mp):  # once per model, into the shared HF cache
                 continue
             for _recipe, row, _inputs in mp.artifacts:
                 args[row.repo_id] = (prov.m, prov.opts, prov.summary.run_id, mp.spec.name, row.repo_id,
@@ -217,7 +210,7 @@ def _run_on_ray(prov, plans: list) -> None:
                     submit(row, "verify", t0, before=out, node_id=out.get("node_id"))
                     continue
                 if (row.error or row.gate_failures) and not prov.opts.keep_going:
-                    raise _Stop
+                    raise StopRun
     finally:
         for ref in pending:
             ray.cancel(ref)

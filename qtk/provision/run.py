@@ -19,6 +19,23 @@ pull's own sidecar state. A gate failure is recorded with its numbers and never 
 Two stages: a plan for every model first (metadata only, no file bytes: commits, keys, what exists,
 memory and disk needed), refused as a whole when the disk cannot hold it; then the steps. ``dry_run``
 stops after the plan.
+
+The steps are public methods of :class:`Provisioner`, the same for every executor (the local one,
+:func:`run_local`; the Ray one, :mod:`qtk.provision.ray_executor`). Each raises on failure and emits its
+own events:
+
+    plan(spec) -> ModelPlan              metadata only: commit, keys and their reasons, what exists, memory
+    pull(mp)                             the model's planned files into the HF cache (resumable)
+    build(mp, row, inputs) -> Path       quantize under the quantize key (or the build already there)
+    built(row, inputs) -> Path           the build another task finished under the key (a Ray verify task)
+    verify(mp, row, inputs, build)       the verify report under the verify key (or the one already there)
+    gate(row, inputs, report) -> bool    the recipe's gates; a failure is recorded, never published
+    publish(mp, recipe, row, inputs, build, report)   the version under the publish key, atomically (+ push)
+
+An executor drives them through two helpers that record a failure in the summary instead of raising
+it: :meth:`Provisioner.pull_or_record` and :meth:`Provisioner.run_artifact` (build -> verify -> gate ->
+publish under the artifact's lock, or one of the :data:`STAGES`); without --keep-going a recorded
+failure raises :class:`StopRun`, which ends the run. :func:`qtk.provision.provision` picks the executor.
 """
 
 from __future__ import annotations
@@ -41,9 +58,11 @@ from .lease import host_id
 from .keys import KEY_VERSION, StepInputs, key_of, diff_inputs, hub_dataset_digest, toolchain
 from .store import ProvisionStore, now_iso
 
-__all__ = ["ProvisionOptions", "ArtifactRow", "Summary", "provision", "STEPS"]
+__all__ = ["ProvisionOptions", "ArtifactRow", "Summary", "ModelPlan", "Provisioner", "StopRun", "error_dict",
+           "run_local", "STEPS", "STAGES"]
 
 STEPS = ("pull", "quantize", "verify", "gate", "publish")
+STAGES = ("quantize", "verify")  # what run_artifact can run apart (one Ray task each): build; verify -> gate -> publish
 
 
 @dataclass(frozen=True)
@@ -119,14 +138,17 @@ class Summary:
                 "artifacts": [r.to_dict() for r in self.rows], "model_errors": self.model_errors}
 
 
-def _error_dict(exc: BaseException) -> dict:
+def error_dict(exc: BaseException) -> dict:
+    """An error as the summary and the events record it (a QtkError's own fields, else its type)."""
     if isinstance(exc, errors.QtkError):
         return exc.to_dict()
     return {"error": type(exc).__name__, "message": errors.redact(str(exc)), "hint": None, "exit_code": 1}
 
 
 @dataclass
-class _ModelPlan:
+class ModelPlan:
+    """One model's plan (:meth:`Provisioner.plan`): its pull plan, source and one row per recipe."""
+
     spec: ModelSpec
     pull_plan: object  # qtk.hub.download.PullPlan
     source: dict
@@ -243,7 +265,14 @@ class Provisioner:
 
     # -- stage 1: plan ----------------------------------------------------------------------------
 
-    def _plan_model(self, spec: ModelSpec) -> _ModelPlan:
+    def plan(self, spec: ModelSpec) -> ModelPlan:
+        """Step 1 for one model, metadata only (no file bytes): its commit, each recipe's keys and why each
+        step runs or not, what exists already, the memory needed."""
+        mp = self._plan_model(spec)
+        self._state(mp)
+        return mp
+
+    def _plan_model(self, spec: ModelSpec) -> ModelPlan:
         from ..hfload import read_config
         from ..hub.download import plan_pull
         from ..plan import shape_from_config
@@ -273,9 +302,9 @@ class Provisioner:
                               keys=inputs["keys"])
             row.memory = self._memory(shape, inputs["qopts"], inputs["vopts"].ctx)
             arts.append((r, row, inputs))
-        return _ModelPlan(spec, p, source, arts)
+        return ModelPlan(spec, p, source, arts)
 
-    def _state(self, mp: _ModelPlan) -> None:
+    def _state(self, mp: ModelPlan) -> None:
         """What exists already, per step (for the dry run and the disk preflight)."""
         from ..hub.download import human_bytes
         from ..quantize.run import PROVENANCE_FILE
@@ -300,7 +329,7 @@ class Provisioner:
             row.reasons["publish"] = "cached" if published else (
                 "new" if self.store.published_key(row.repo_id) is None else "replaces the published version")
 
-    def _check_disk(self, plans: list[_ModelPlan]) -> None:
+    def _check_disk(self, plans: list[ModelPlan]) -> None:
         from ..hub.download import existing_ancestor, free_bytes, human_bytes
 
         need: dict[int, list] = {}  # st_dev -> [bytes, path]
@@ -330,7 +359,8 @@ class Provisioner:
 
     # -- stage 2: the steps -----------------------------------------------------------------------
 
-    def _pull(self, mp: _ModelPlan) -> None:
+    def pull(self, mp: ModelPlan) -> None:
+        """The model's planned files into the HF cache (qtk pull: resumable, verified); nothing when cached."""
         from ..hub.download import pull
 
         spec, p = mp.spec, mp.pull_plan
@@ -348,7 +378,7 @@ class Provisioner:
         for _r, row, _i in mp.artifacts:
             row.steps["pull"] = status
 
-    def _source_dir(self, mp: _ModelPlan) -> Path:
+    def _source_dir(self, mp: ModelPlan) -> Path:
         """The model's planned files and nothing else, as a checkpoint directory (in the store: the same
         path on every node): quantize and verify read what the keys hashed, fetch nothing more."""
         if mp.view is None:
@@ -365,8 +395,8 @@ class Provisioner:
             mp.view = self.store.source_view(key, files)
         return mp.view
 
-    def _artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict,
-                  stages: tuple[str, ...] = ("quantize", "verify")) -> None:
+    def _artifact(self, mp: ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict,
+                  stages: tuple[str, ...] = STAGES) -> None:
         """``stages``: both here (the local executor), or one per Ray task: ``quantize``, then ``verify``
         (verify, gate, publish) on the build the quantize task left under its key."""
         store = self.store
@@ -377,15 +407,17 @@ class Provisioner:
                       reason="another qtk provision is working on this artifact")
 
         with store.lock(lock_name, timeout=self.opts.lock_timeout, on_wait=waiting):
-            build = self._quantize(mp, row, inputs) if "quantize" in stages else self._built(row, inputs)
+            build = self.build(mp, row, inputs) if "quantize" in stages else self.built(row, inputs)
             if "verify" not in stages:
                 return
-            report = self._verify(mp, row, inputs, build)
-            if not self._gate(mp, recipe, row, inputs, report):
+            report = self.verify(mp, row, inputs, build)
+            if not self.gate(row, inputs, report):
                 return
-            self._publish(mp, recipe, row, inputs, build, report)
+            self.publish(mp, recipe, row, inputs, build, report)
 
-    def _quantize(self, mp: _ModelPlan, row: ArtifactRow, inputs: dict) -> Path:
+    def build(self, mp: ModelPlan, row: ArtifactRow, inputs: dict) -> Path:
+        """The quantize step: the build under the artifact's quantize key, made here (in the key's
+        workspace, under the build's lock) unless it exists. Returns its directory."""
         from ..quantize.run import PROVENANCE_FILE, quantize
 
         key = inputs["keys"]["quantize"]
@@ -430,7 +462,7 @@ class Provisioner:
         self._note_inputs(row, inputs)
         return build
 
-    def _built(self, row: ArtifactRow, inputs: dict) -> Path:
+    def built(self, row: ArtifactRow, inputs: dict) -> Path:
         """The build a quantize task finished under this artifact's key (a verify task's input)."""
         from ..quantize.run import PROVENANCE_FILE
 
@@ -450,7 +482,9 @@ class Provisioner:
             rec["quantize_inputs"] = inputs["quantize_inputs"].to_dict()
             self.store.write_json(self.store.record_path(row.repo_id), rec)
 
-    def _verify(self, mp: _ModelPlan, row: ArtifactRow, inputs: dict, build: Path) -> dict:
+    def verify(self, mp: ModelPlan, row: ArtifactRow, inputs: dict, build: Path) -> dict:
+        """The verify step: the report under the verify key (reference = the source's planned files),
+        made here unless it exists."""
         from ..verify.run import verify
 
         key = inputs["keys"]["verify"]
@@ -474,7 +508,8 @@ class Provisioner:
         row.steps["verify"] = "done"
         return report
 
-    def _gate(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict, report: dict) -> bool:
+    def gate(self, row: ArtifactRow, inputs: dict, report: dict) -> bool:
+        """The recipe's gates on the report: True if they pass; a failure is recorded (numbers and gates)."""
         from ..verify.run import check_gates
 
         rep = copy.deepcopy(report)
@@ -503,8 +538,11 @@ class Provisioner:
                "last_run": last}
         self.store.write_json(self.store.record_path(row.repo_id), rec)
 
-    def _publish(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict, build: Path,
-                 report: dict) -> None:
+    def publish(self, mp: ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict, build: Path,
+                report: dict) -> None:
+        """The publish step: ``STORE/<repo>`` becomes the version under the publish key (atomically, under
+        the publish lock; skipped when it already is), the versions the store no longer keeps are pruned
+        (``opts.prune``), then the optional push to a Hub."""
         from ..verify.report import markdown
 
         key = inputs["keys"]["publish"]
@@ -534,15 +572,13 @@ class Provisioner:
                        "keys": row.keys, "metrics": row.metrics}, "previous": previous}
                 self._write_record(row, rec, last)
                 if self.opts.prune:
-                    keep = {k for r in store.records_all() for k in (
-                        r.get("published", {}).get("key"), r.get("previous"), store.published_key(r["repo_id"])) if k}
-                    store.prune_artifacts(keep)
+                    store.prune_artifacts()  # the store's kept-versions policy
             self.emit("publish", "done", model=row.model, artifact=row.repo_id, key=key, previous=previous,
                       path=str(store.repo_path(row.repo_id)), duration_s=round(time.monotonic() - t0, 2))
             row.steps["publish"] = "done"
         self._push(mp, row, key)
 
-    def _push(self, mp: _ModelPlan, row: ArtifactRow, key: str) -> None:
+    def _push(self, mp: ModelPlan, row: ArtifactRow, key: str) -> None:
         """Optionally upload the published version to a Hub endpoint (huggingface_hub's upload API)."""
         pub = mp.spec.publish
         push = pub.get("push_to_hub", False) if self.opts.push is None else self.opts.push
@@ -577,7 +613,7 @@ class Provisioner:
     # -- the run ----------------------------------------------------------------------------------
 
     def _fail(self, exc: BaseException, *, model: str, rows: list[ArtifactRow], step: str) -> None:
-        err = _error_dict(exc)
+        err = error_dict(exc)
         self.emit(step, "error", model=model, artifact=rows[0].repo_id if len(rows) == 1 else None, error=err)
         if not rows:
             self.summary.model_errors.append({"model": model, "step": step, **err})
@@ -591,29 +627,22 @@ class Provisioner:
         if self.summary.first_error is None:
             self.summary.first_error = exc
         if not self.opts.keep_going:
-            raise _Stop from None
+            raise StopRun from None
 
-    def _run_local(self, plans: list[_ModelPlan]) -> None:
-        for mp in plans:  # stage 2
-            if not self._pull_or_fail(mp):
-                continue
-            for recipe, row, inputs in mp.artifacts:
-                self._run_artifact(mp, recipe, row, inputs)
-                if row.gate_failures and not self.opts.keep_going:
-                    raise _Stop
-
-    def _pull_or_fail(self, mp: _ModelPlan) -> bool:
+    def pull_or_record(self, mp: ModelPlan) -> bool:
+        """:meth:`pull`, a failure recorded on the model's rows (False; without --keep-going: StopRun)."""
         try:
-            self._pull(mp)
+            self.pull(mp)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, model=mp.spec.name, rows=[row for _r, row, _i in mp.artifacts], step="pull")
             return False
         return True
 
-    def _run_artifact(self, mp: _ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict,
-                      stages: tuple[str, ...] = ("quantize", "verify")) -> None:
-        """quantize -> verify -> gate -> publish for one artifact (or ``stages`` of it); a failure is
-        recorded (and, without --keep-going, stops the run)."""
+    def run_artifact(self, mp: ModelPlan, recipe: Recipe, row: ArtifactRow, inputs: dict,
+                     stages: tuple[str, ...] = STAGES) -> None:
+        """build -> verify -> gate -> publish for one artifact under its lock (or ``stages`` of it: a Ray
+        task runs ``("quantize",)``, then another ``("verify",)`` on the build the first left under its key);
+        a failure is recorded (and, without --keep-going, raises StopRun)."""
         t1 = time.monotonic()
         step = lambda: next((s for s in STEPS if row.steps[s] in ("to run", "to check", "-")), "publish")  # noqa: E731
         try:
@@ -636,7 +665,9 @@ class Provisioner:
         self.summary.shard = f"{index}/{count}"
         return out
 
-    def run(self) -> Summary:
+    def run(self, execute: Callable[["Provisioner", list[ModelPlan]], None]) -> Summary:
+        """Plan every model (stage 1), check the disk, then ``execute(self, plans)`` runs the steps (stage 2:
+        :func:`run_local`, or :func:`qtk.provision.ray_executor.run_on_ray`); a dry run stops after the plan."""
         t0 = time.monotonic()
         models = [s for s in self.m.models if not self.opts.only or s.name in self.opts.only or s.repo in self.opts.only]
         if self.opts.only and not models:
@@ -647,29 +678,23 @@ class Provisioner:
         if not self.opts.dry_run:
             self.store.init()
             self.store.start_lease()
-        plans: list[_ModelPlan] = []
+        plans: list[ModelPlan] = []
         try:
             if not self.opts.dry_run:
                 self.store.clean_stale(timeout=self.opts.lock_timeout)
             for spec in models:  # stage 1: metadata only
                 try:
-                    mp = self._plan_model(spec)
+                    mp = self.plan(spec)
                 except Exception as exc:  # noqa: BLE001 - recorded, then stop or go on
                     self._fail(exc, model=spec.name, rows=[], step="plan")
                     continue
-                self._state(mp)
                 plans.append(mp)
                 self.summary.rows += [row for _r, row, _i in mp.artifacts]
             self._check_disk(plans)
             if self.opts.dry_run:
                 return self.summary
-            if self.opts.executor == "ray":
-                from .ray_executor import run_on_ray
-
-                run_on_ray(self, plans)
-            else:
-                self._run_local(plans)
-        except _Stop:
+            execute(self, plans)
+        except StopRun:
             pass
         finally:
             self.summary.seconds = time.monotonic() - t0
@@ -678,8 +703,8 @@ class Provisioner:
         return self.summary
 
 
-class _Stop(Exception):
-    """Stop after the first failure (no --keep-going)."""
+class StopRun(Exception):
+    """Raised by a recorded failure without --keep-going: the executor stops, the run returns its summary."""
 
 
 def _round(x, n: int):
@@ -702,5 +727,12 @@ def _metrics(report: dict) -> dict:
     }
 
 
-def provision(manifest: Manifest, opts: ProvisionOptions | None = None, **kw) -> Summary:
-    return Provisioner(manifest, opts or ProvisionOptions(), **kw).run()
+def run_local(prov: Provisioner, plans: list[ModelPlan]) -> None:
+    """The local executor (stage 2 here, one step at a time): each model pulled, then its artifacts."""
+    for mp in plans:
+        if not prov.pull_or_record(mp):
+            continue
+        for recipe, row, inputs in mp.artifacts:
+            prov.run_artifact(mp, recipe, row, inputs)
+            if row.gate_failures and not prov.opts.keep_going:
+                raise StopRun

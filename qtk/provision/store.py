@@ -344,18 +344,21 @@ class ProvisionStore:
         """Where published versions live (:class:`qtk.mirror.store.PublishedVersions`, for ``qtk serve``)."""
         return self.artifacts
 
-    def kept_versions(self, repo_id: str) -> list[Path]:
-        """Published version directories still on disk for ``repo_id``: the current one first, then the
-        ones its record keeps (the previous version, for nodes mid-download). ``qtk serve`` serves each
-        under its own commit."""
-        rec = self.record(repo_id) or {}
-        keys = [self.published_key(repo_id), (rec.get("published") or {}).get("key"), rec.get("previous")]
-        out: list[Path] = []
-        for k in keys:
-            if isinstance(k, str) and k and "/" not in k and not k.startswith(".") and (self.artifacts / k).is_dir():
-                if self.artifacts / k not in out:
-                    out.append(self.artifacts / k)
+    def kept_keys(self, repo_id: str, record: dict | None = None) -> list[str]:
+        """The kept-versions policy, the one place it is written: a repo keeps the version its link points
+        to, the one its record says was published, and the one published before it (``previous``: nodes
+        that resolved it may still be downloading it). Current first; ``record``: the repo's, if read."""
+        rec = (self.record(repo_id) if record is None else record) or {}
+        out: list[str] = []
+        for k in (self.published_key(repo_id), (rec.get("published") or {}).get("key"), rec.get("previous")):
+            if isinstance(k, str) and k and "/" not in k and not k.startswith(".") and k not in out:
+                out.append(k)
         return out
+
+    def kept_versions(self, repo_id: str) -> list[Path]:
+        """Published version directories still on disk for ``repo_id`` (:meth:`kept_keys`), the current one
+        first. ``qtk serve`` serves each under its own commit (:class:`qtk.mirror.store.PublishedVersions`)."""
+        return [self.artifacts / k for k in self.kept_keys(repo_id) if (self.artifacts / k).is_dir()]
 
     def publish(self, repo_id: str, key: str, build: Path, extra: dict[str, str]) -> Path:
         """Make ``STORE/<repo_id>`` the build plus ``extra`` files, atomically. Returns the version dir."""
@@ -383,8 +386,12 @@ class ProvisionStore:
         _fs.replace_durable(tmp_link, link)  # the one atomic step
         return dest
 
-    def prune_artifacts(self, keep: set[str]) -> list[str]:
-        """Remove published versions no repo points to and no record keeps as the previous one."""
+    def prune_artifacts(self, keep: set[str] | None = None) -> list[str]:
+        """Remove the published versions no repo keeps (:meth:`kept_keys` of every recorded repo), or all
+        but ``keep`` when given. Returns the keys removed."""
+        if keep is None:
+            keep = {k for r in self.records_all() if isinstance(r.get("repo_id"), str)
+                    for k in self.kept_keys(r["repo_id"], r)}
         removed = []
         for d in self.artifacts.iterdir() if self.artifacts.is_dir() else ():
             if d.is_dir() and not d.name.startswith(".") and d.name not in keep:
