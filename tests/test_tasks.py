@@ -233,27 +233,36 @@ class _Req:
         self.task_name, self.doc_id, self.args = task, doc, (text, " a")
 
 
-def test_requests_go_to_the_model_in_slices_of_whole_documents():
-    """Progress after each slice; a document's requests never split; longest documents first (batches of
-    similar lengths); the answers come back in lm-eval's order."""
+def test_progress_counts_answers_in_one_call_per_request_kind():
+    """All requests reach the model in one call (its own batching intact); each answer it reports to its
+    cache hook moves the documents counter; the LM's own hook is put back; answers pass through."""
     from qtk.verify.tasks import _Metered
 
-    calls, reports = [], []
+    calls, reports, own_hook = [], [], object()
 
     class LM:
+        cache_hook = own_hook
+
         def loglikelihood(self, reqs):
             calls.append(reqs)
-            return [r.args for r in reqs]  # an answer that names its request
+            for r in reqs:
+                self.cache_hook.add_partial("loglikelihood", r.args, (0.0, True))
+            return [r.args for r in reqs]
+
+    class Silent(LM):  # an LM that never reports its answers: progress at the end of the call
+        def loglikelihood(self, reqs):
+            return [r.args for r in reqs]
 
     reqs = [_Req("t", d, "x" * (d % 7 + 1)) for d in range(40) for _ in range(4)] + [_Req("u", 0, "y")] * 3
-    meter = _Metered(LM(), lambda done, total: reports.append((done, total)))
-    assert meter.run("loglikelihood", reqs) == [r.args for r in reqs]
-    docs_per_call = [{(r.task_name, r.doc_id) for r in c} for c in calls]
-    assert sum(len(c) for c in calls) == len(reqs) and [len(d) for d in docs_per_call] == [16, 16, 9]
-    assert all(not (a & b) for i, a in enumerate(docs_per_call) for b in docs_per_call[i + 1:])  # never split
-    lengths = [len(r.args[0]) for c in calls for r in c]
-    assert lengths == sorted(lengths, reverse=True)
-    assert reports[0] == (0, 41) and reports[-1] == (41, 41) and [d for d, _ in reports] == sorted(d for d, _ in reports)
+    lm = LM()
+    meter = _Metered(lm, lambda done, total: reports.append((done, total)))
+    assert meter.run("loglikelihood", reqs) == [r.args for r in reqs] and len(calls) == 1
+    assert lm.cache_hook is own_hook
+    done = [d for d, _ in reports]
+    assert reports[0] == (0, 41) and reports[-1] == (41, 41) and done == sorted(done) and len(done) > 30
+    quiet = []
+    assert _Metered(Silent(), lambda d, t: quiet.append((d, t))).run("loglikelihood", reqs) == [r.args for r in reqs]
+    assert quiet == [(0, 41), (41, 41)]
 
 
 def test_progress_line_shows_documents_per_second():

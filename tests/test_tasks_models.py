@@ -60,7 +60,7 @@ def instances(pairs, kind="loglikelihood"):
 
 @pytest.fixture(scope="module")
 def gguf_model():
-    return GGUFModel(shipped_gguf(), "smol.gguf", None, 2048)
+    return GGUFModel(shipped_gguf(), "smol.gguf", 1, 2048)  # one thread: CI's 2 cores are shared
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_gguf_loglikelihood_reuses_the_cache_exactly_and_agrees_with_hf(gguf_mod
 
 
 def test_gguf_context_longer_than_the_window_is_cut_on_the_left(gguf_model):
-    small = GGUFModel(shipped_gguf(), "smol-64.gguf", None, 64)
+    small = GGUFModel(shipped_gguf(), "smol-64.gguf", 1, 64)
     long_ctx = " ".join(f"Line {i} says the sky is blue." for i in range(30)) + " The colour of the sky is"
     (got, _), = lm_for(small).loglikelihood(instances([(long_ctx, " blue")]))
     big = lm_for(gguf_model)
@@ -155,7 +155,7 @@ def test_verify_tasks_on_bf16_gptq_nf4_and_gguf(qtk, smol_bf16, quantized, tmp_p
     gguf = str(shipped_gguf())
     t0 = time.monotonic()
     r = qtk("verify", str(smol_bf16), str(quantized["gptq"]), str(quantized["nf4"]), gguf, "--max-tokens", "512",
-            "--no-smoke", "--tasks", "qtk_cloze,arc_easy_local", "--tasks-dir", str(tasks_dir), "--limit", "12",
+            "--no-smoke", "--threads", "1", "--tasks", "qtk_cloze,arc_easy_local", "--tasks-dir", str(tasks_dir), "--limit", "12",
             "--min-recovery", "1000", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"))
     print(f"qtk verify, 4 models x 2 tasks: {time.monotonic() - t0:.0f} s")
     assert r.exit_code == 3, r.stderr[-3000:]
