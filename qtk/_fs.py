@@ -69,18 +69,23 @@ def _tmp_path(path: Path) -> Path:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = True, mode: int | None = None,
-                 tmp: str | os.PathLike | None = None) -> None:
+                 tmp: str | os.PathLike | None = None, dir_fd: int | None = None) -> None:
     """Replace ``path`` with ``data`` atomically (and durably, unless ``durable=False``).
 
     The temporary is created with 0666 less the umask (a team cache stays group-writable), or with
     ``mode`` exactly, set before the first byte is written. ``tmp`` names the temporary (it must be in the
     same directory; a caller whose cleanup recognises its temporaries by name passes its own); it is
-    removed if anything fails."""
+    removed if anything fails. ``dir_fd``: ``path`` is a name in the directory open as ``dir_fd`` (one a
+    caller reached without following links): nothing above it is resolved again, and the temporary is
+    created there new (``O_EXCL | O_NOFOLLOW``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if dir_fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = Path(tmp) if tmp is not None else _tmp_path(path)
     raw = data.encode() if isinstance(data, str) else bytes(data)
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    flags = os.O_TRUNC if dir_fd is None else os.O_EXCL | os.O_NOFOLLOW
+    at = {} if dir_fd is None else {"dir_fd": dir_fd}
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | flags, 0o666 if mode is None else mode, **at)
     try:
         try:
             if mode is not None:
@@ -92,13 +97,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp_path, path)
+        os.replace(tmp_path, path, **({} if dir_fd is None else {"src_dir_fd": dir_fd, "dst_dir_fd": dir_fd}))
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
+            os.unlink(tmp_path, **at)
         raise
-    if durable:
+    if durable and dir_fd is None:
         fsync_dir(path.parent)
+    elif durable:
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
 
 
 def write_json(path: str | os.PathLike, obj, *, indent: int | None = 2, newline: bool = True, **kwargs) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -157,10 +156,9 @@ def run_cmd(manifest, store, dry_run, keep_going, only, lock_timeout, push, no_p
     summary = provision(m, opts, on_event=on_event, log=log, warn=out.warn)
     code = summary.exit_code
     if summary_json:
-        summary_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = summary_json.with_name(f".{summary_json.name}.tmp")
-        tmp.write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
-        tmp.replace(summary_json)
+        from .._fs import write_json
+
+        write_json(summary_json, summary.to_dict())
     if out.json_mode:
         out.json(summary.to_dict())
     else:

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
+from .._digest import file_digest
 from .._fs import fsync_dir, write_atomic
-from ._fetch import new_hasher
 from .names import (
     check_commit_sha, check_oid, check_pull_path, check_pull_tree, is_commit_sha, is_oid, is_pull_path, tree_conflict,
 )
@@ -164,20 +164,7 @@ def _relative_symlink(target: Path, base: Path, rel: str) -> None:
 def _write_atomic_under(base: Path, rel: str, text: str) -> None:
     """:func:`qtk._fs.write_atomic` for ``base/rel``, reached without following a link below ``base``."""
     with _parent_dir(base, rel) as (fd, name):
-        tmp = f".{name}.{_unique()}.tmp"
-        wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=fd)
-        try:
-            with open(wfd, "w", closefd=True) as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=fd)
-            raise
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
+        write_atomic(name, text, dir_fd=fd)
 
 
 def check_placement(base: Path, rel: str, seen: dict[Path, bool]) -> None:
@@ -218,12 +205,10 @@ def check_placement(base: Path, rel: str, seen: dict[Path, bool]) -> None:
             )
 
 
-def digest_file(path: Path, digest: tuple[str, str], size: int) -> str:
-    h = new_hasher(digest, size)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
+def digest_file(path: Path, digest: tuple[str, str]) -> str:
+    """The file's digest in ``digest``'s algorithm (``sha256`` or ``git-sha1``: :mod:`qtk._digest`), to
+    compare with its oid."""
+    return file_digest(path, digest[0])
 
 
 def _same_file(record: dict, st: os.stat_result) -> bool:
@@ -296,7 +281,7 @@ class CacheTarget:
             return DAMAGED if self.blob_path(f).exists() else MISSING
         if not verify and self._marked(f.oid, st):
             return PRESENT
-        if digest_file(self.blob_path(f), f.digest, f.size) != f.oid:
+        if digest_file(self.blob_path(f), f.digest) != f.oid:
             return DAMAGED
         self._mark(f, st, adopted=True)
         return PRESENT
@@ -454,7 +439,7 @@ class LocalDirTarget:
             except (OSError, ValueError):
                 pass
         # A file we did not place (or that was touched): adopt it only if its content matches.
-        if digest_file(final, f.digest, f.size) != f.oid:
+        if digest_file(final, f.digest) != f.oid:
             return DAMAGED
         try:
             self._write_meta(commit, f)

@@ -253,7 +253,7 @@ def verify_cache(cache_dir: Path, repo_ids: tuple[str, ...] = (), *, repair: boo
         f = RemoteFile(paths[0][1], st.st_size, oid, lfs=len(oid) == 64)
         if progress is not None:
             progress(f"{repo.repo_id}: {paths[0][1]} ({st.st_size} bytes)")
-        actual = digest_file(blob, f.digest, st.st_size)
+        actual = digest_file(blob, f.digest)
         if actual == oid:
             with contextlib.suppress(OSError):
                 target._mark(f, st, adopted=True)
@@ -300,9 +300,8 @@ def _repair(cache_dir: Path, report: VerifyReport, settings) -> None:
             continue
     for check in report.bad:
         if check.blob.exists():
-            size = check.blob.stat().st_size
             digest = ("sha256", check.oid) if len(check.oid) == 64 else ("git-sha1", check.oid)
-            check.repaired = digest_file(check.blob, digest, size) == check.oid
+            check.repaired = digest_file(check.blob, digest) == check.oid
 
 
 # ------------------------------------------------------------------------------------------------- prune

@@ -34,12 +34,13 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from .._digest import GIT_SHA1, SHA256, file_digests
+
 __all__ = ["FileKey", "HashIndex", "IndexNotTrusted", "file_key", "hash_file", "default_index_dir", "private_dir"]
 
 log = logging.getLogger("qtk.mirror")
 
 FileKey = tuple[int, int, int, int, int]
-READ_SIZE = 4 * 1024 * 1024
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hashes (
     dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
@@ -55,21 +56,10 @@ def file_key(st: os.stat_result) -> FileKey:
 
 
 def hash_file(fd: int, size: int, *, sha1: bool, progress: Callable[[int], None] | None = None) -> tuple[str, str | None]:
-    """(sha256, git blob sha1 or None) of an open file's first ``size`` bytes."""
-    h256 = hashlib.sha256()
-    h1 = hashlib.sha1(b"blob %d\0" % size) if sha1 else None
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(READ_SIZE, size - offset), offset)
-        if not chunk:
-            raise OSError(f"file shrank while hashing (at {offset} of {size} bytes)")
-        h256.update(chunk)
-        if h1 is not None:
-            h1.update(chunk)
-        offset += len(chunk)
-        if progress:
-            progress(len(chunk))
-    return h256.hexdigest(), (h1.hexdigest() if h1 is not None else None)
+    """(sha256, git blob sha1 or None) of an open file of ``size`` bytes (:func:`qtk._digest.file_digests`:
+    OSError if it is not that long any more)."""
+    d = file_digests(fd, (SHA256, GIT_SHA1) if sha1 else (SHA256,), size=size, progress=progress)
+    return d[SHA256], d.get(GIT_SHA1)
 
 
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file

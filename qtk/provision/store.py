@@ -305,7 +305,7 @@ class ProvisionStore:
                 with self.lock("store", timeout=None):
                     if not _view_matches(view, files):
                         _remove(view)
-                        os.replace(tmp, view)
+                        _fs.replace_durable(tmp, view)
             _remove(tmp)
         return view
 

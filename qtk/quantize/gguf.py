@@ -18,7 +18,6 @@ pipeline (:mod:`qtk.quantize.run`) writes it to a temporary directory and puts i
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import resource
 import shutil
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from .. import errors
+from .._digest import file_sha256 as _sha256
 from .base import Method, QuantizeOptions, RunContext
 from .gguf_types import FILE_TYPES, IMATRIX_UNUSED, FileType, file_type
 from .source import SourceModel
@@ -38,14 +38,6 @@ _MB = 1e6
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_name(model: SourceModel) -> str:

@@ -4,7 +4,6 @@ and check it before any heavy work, from config.json and the safetensors headers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
+from .._digest import file_sha256  # re-exported: the weights' digests in provenance and resume identities
 from ..hfload import read_config
 from ..modelspec import resolve_spec
 from ..settings import Settings
@@ -20,15 +20,6 @@ __all__ = ["SourceModel", "resolve_model", "safetensors_header", "check_group_si
 
 _FLOAT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _NOT_QUANTIZED = ("embed", "lm_head", "norm", "rotary")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (following links), read in 8 MiB blocks (``hashlib.file_digest`` is 3.11+)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def safetensors_header(path: Path) -> dict:
