@@ -10,9 +10,10 @@ the two runtimes score the same token ids:
   none). The log-probabilities of the continuation tokens are read from llama.cpp's logits (llama.cpp
   keeps logits for every position: ``logits_all``), and is_greedy says whether each continuation token
   is the argmax. A sequence longer than the context window (``n_ctx``) loses tokens on the left, as in
-  HFLM. Consecutive requests sharing a prefix (the choices of one question) reuse its KV cache: only the
-  new tokens are evaluated; a one-time probe checks that this gives the same logits as a fresh
-  evaluation (recurrent architectures cannot rewind), else every request starts from scratch.
+  HFLM. Consecutive requests sharing a prefix (the choices of one question) reuse its KV cache and the
+  logits already computed: only new tokens are evaluated (none for a one-token choice); a one-time
+  probe checks that this gives the same logits as a fresh evaluation (recurrent architectures cannot
+  rewind), else every request starts from scratch.
 - ``loglikelihood_rolling(text)``: lm-eval's own rolling windows of ``n_ctx`` tokens, BOS/EOS first.
 - ``generate_until(context, {until, max_gen_toks, temperature})``: greedy unless a temperature is given,
   stopping at any ``until`` string or the end-of-generation token.
@@ -110,11 +111,13 @@ class GGUFLM(TemplateLM):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, tokens: list[int]) -> None:
         """Make llama.cpp's logits rows 0..len(tokens)-1 those of ``tokens``: evaluate what the KV cache
-        does not already hold (at least the last token)."""
+        does not already hold. Rows of positions already evaluated stay valid (``logits_all``), so the
+        one-token answers of a question, which all read the row of its last context token, cost one
+        evaluation of the context between them."""
         llm = self.llm
-        keep = 0
-        if self.prefix_reuse and llm.n_tokens:
-            keep = min(_common_prefix(llm.input_ids[: llm.n_tokens], tokens), len(tokens) - 1)
+        keep = _common_prefix(llm.input_ids[: llm.n_tokens], tokens) if self.prefix_reuse and llm.n_tokens else 0
+        if keep == len(tokens):
+            return
         if keep == 0:
             llm.reset()
         else:
