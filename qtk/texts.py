@@ -1,8 +1,8 @@
 """Named texts, the one module that owns them: calibration (``qtk quantize --calibration``) and
 evaluation (``qtk verify --text``, the smoke test's long-context passage) both read text here.
 
-Named sets (``qtk/data/texts.json``, package data read through :mod:`importlib.resources`, so an
-installed wheel has them) are either text the project wrote itself or a recipe that assembles the
+Named sets (``calibration/texts.json`` at the top of the repository, shipped as the package data of
+``qtk.calibration`` and read through :mod:`importlib.resources`, so an installed wheel has them) are either text the project wrote itself or a recipe that assembles the
 set at first use from sources already installed with Python (its reference documentation,
 ``pydoc_data.topics``, and its standard library source), so no third-party text is copied into the
 repo. The assembled text is hashed; the manifest pins the sha256 for the Python versions it was
@@ -43,12 +43,13 @@ _CODE_MODULES = (
 
 
 def data_file(name: str) -> str:
-    """The text of a file shipped in ``qtk/data`` (the package's own data, wheel or checkout)."""
+    """The text of a named-text file: the repository's ``calibration/`` folder, installed as the package
+    ``qtk.calibration`` (wheel or editable install)."""
     try:
-        return importlib.resources.files("qtk").joinpath("data", name).read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise errors.CalibrationError(f"qtk's package data file data/{name} is missing from this installation.",
-                                      hint="Reinstall qtk (pip install --force-reinstall qtk).") from exc
+        return importlib.resources.files("qtk.calibration").joinpath(name).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError) as exc:
+        raise errors.CalibrationError(f"qtk's package data file calibration/{name} is missing from this "
+                                      "installation.", hint="Reinstall qtk (pip install --force-reinstall qtk).") from exc
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,21 @@ def test_wheel_has_its_data_and_runs_from_any_directory(wheel, tmp_path):
     assert kind == "chat" and int(n) > 12 and long_enough == "True"
 
 
+@pytest.mark.slow
+def test_the_wheel_ships_the_named_texts_from_the_calibration_folder(wheel):
+    """The repository keeps the named texts in its top-level calibration/ folder; the wheel carries them as
+    qtk/calibration/ (byte for byte), qtk verify --tasks' own tasks as qtk/data/tasks/, and nothing else
+    under qtk/data (a stale copy of a moved file would be a second source)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        for name in ("texts.json", "chat-seed.jsonl"):
+            assert z.read(f"qtk/calibration/{name}") == (ROOT / "calibration" / name).read_bytes()
+    assert {"qtk/data/tasks/qtk_cloze.yaml", "qtk/data/tasks/qtk_cloze.jsonl"} <= names
+    assert not [n for n in names if n.startswith("qtk/data/") and not n.startswith("qtk/data/tasks/")]
+
+
 def test_provision_manifest_parses_on_this_python():
     """tomllib on 3.11+, tomli on 3.10: the example manifest loads without torch."""
     from qtk.provision.manifest import load_manifest
