@@ -1,11 +1,20 @@
-"""qtk pull vs hf download vs hf_transfer vs curl on a local Hub mirror (~1 GiB of files).
+"""qtk pull vs hf download vs hf_transfer vs curl on a local Hub mirror.
 
-    python benchmarks/bench_pull.py                 # both topologies (below)
-    python benchmarks/bench_pull.py --topology direct --rounds 5 --size-mib 1024 --json out.json
+    python benchmarks/bench_pull.py                 # the issue 22 goals (below), ~5 min
+    python benchmarks/bench_pull.py --topology goals --rounds 5 --json out.json
+    python benchmarks/bench_pull.py --topology direct --rounds 5 --size-mib 1024
     python benchmarks/bench_pull.py --topology cdn --url-ttl 1 --sizes-mb 100,160,300
 
 Topologies:
 
+* ``goals`` (default): the targets of issue 22, each ratio against an anchor measured in the same run:
+  (g1) loopback, one file of 512 MiB (random bytes) and one of 4 GiB (sparse on the server: zeros, no
+  disk behind them), ``qtk pull`` (sha256 of every byte inside the timed run) against hf_transfer followed
+  by one sha256 pass over what it wrote (goal >= 1.0x); (g2) the server throttled to 20 MB/s per
+  connection, one file of 160 MB and one of 1 GiB, ``qtk pull`` against ``hf download`` (goal >= 6x);
+  (g3) CPU seconds per GiB: qtk's whole CLI run, qtk's byte path alone (the Fetcher in this process),
+  hf_transfer + sha256, and the limits of the machine: sha256 alone over the file and a plain ``cat``
+  of it (both from the page cache), and the mirror's own cost per GiB served.
 * ``direct``: the mirror serves the bytes itself: (a) unthrottled, (b) throttled to 20 MB/s per
   connection, (c) resume after kill -9.
 * ``cdn``: the Hub's topology (tests/cdntest.py): the endpoint answers LFS resolves with a 302 to a
@@ -15,9 +24,10 @@ Topologies:
   run there (curl and hf_transfer do not follow the redirect).
 
 Each tool writes into a fresh directory; tools alternate within a round and `sync` runs between
-runs (unthrottled loopback is noisy). Reports best and median wall time, MB/s, peak RSS, and every
-tool's ratio against `hf download` measured in the same run. qtk's time includes its sha256
+runs (unthrottled loopback is noisy). Reports best and median wall time, MB/s, CPU seconds, peak RSS,
+and every ratio against its anchor measured in the same run. qtk's time includes its sha256
 verification of every file; the others only check sizes (hf) or nothing (curl, hf_transfer).
+The machine's load average is printed with every section: wall-time ratios need a quiet machine.
 
 The server runs in its own process (tests/hubtest.py's mirror handler, which has the throttle knob).
 """
@@ -144,6 +154,11 @@ class Server:
     def bytes_sent(self) -> int:
         return self.stats()["bytes_sent"]
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait()
@@ -151,13 +166,24 @@ class Server:
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, peak RSS MB of the process)."""
+    run = cpu_timed(cmd, env)
+    return run["wall_s"], run["rss_MB"]
+
+
+def cpu_timed(cmd: list[str], env: dict | None = None, *, stdout: bool = False) -> dict:
+    """Run ``cmd``: wall seconds, user and system CPU seconds (its own and its children's), peak RSS MB
+    (and its output, with ``stdout``)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    run = {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "rss_MB": usage.ru_maxrss / 1024}
+    if stdout:
+        run["stdout"] = proc.stdout.read().decode()
+    return run
 
 
 def tool_cmds(url: str, files: dict[str, int], out: Path, connections: int,
@@ -334,13 +360,218 @@ def run_cdn(args, work: Path, files: dict[str, int], sized: dict[str, dict[str, 
         _print_table(f"(e) two origins, {repo}", {k: v for k, v in table.items() if "best_s" in v})
 
 
+# ------------------------------------------------------------------------------------ issue 22's goals
+
+GOAL_LOOPBACK = 1.0  # x (hf_transfer + one sha256 pass), loopback
+GOAL_THROTTLED = 6.0  # x hf download, 20 MB/s per connection
+ANCHOR = "hf_transfer + sha256"
+
+HFT_SHA_CODE = r"""
+import hashlib, json, resource, sys, time
+import hf_transfer
+url, out = sys.argv[1], sys.argv[2]
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+t0, c0 = time.perf_counter(), cpu()
+hf_transfer.download(url, out, max_files=8, chunk_size=10 * 1024 * 1024)
+t1, c1 = time.perf_counter(), cpu()
+with open(out, "rb") as fh:
+    digest = hashlib.file_digest(fh, "sha256").hexdigest()
+t2, c2 = time.perf_counter(), cpu()
+print(json.dumps({"download_s": t1 - t0, "download_cpu_s": c1 - c0, "sha256_s": t2 - t1, "sha256_cpu_s": c2 - c1}))
+"""
+
+SHA_CODE = "import hashlib, sys; hashlib.file_digest(open(sys.argv[1], 'rb'), 'sha256')"
+
+
+def load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
+
+
+def make_goal_repo(root: Path, size: int, sparse: bool) -> tuple[str, dict[str, int]]:
+    """``bench/goal-<size>``: one model.safetensors of ``size`` bytes, random, or ``sparse`` (a hole: zeros
+    with no disk behind them, so a 4 GiB case costs the server no disk reads)."""
+    repo = f"bench/goal-{size}"
+    f = root / repo / "model.safetensors"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    if sparse:
+        with open(f, "wb") as fh:
+            fh.truncate(size)
+    else:
+        _random_file(f, size)
+    return repo, {"model.safetensors": size}
+
+
+def per_gib(run: dict, size: int) -> float:
+    return (run["user_s"] + run["sys_s"]) / (size / 2**30)
+
+
+def _goal_run(name: str, srv: "Server", repo: str, size: int, out: Path, connections: int) -> dict:
+    env = {**os.environ, "HF_ENDPOINT": srv.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(out / "home")}
+    env.pop("HF_TOKEN", None)
+    subprocess.run(["sync"])
+    server0 = srv.cpu_s()
+    if name == "qtk":
+        run = cpu_timed([PY, "-m", "qtk", "pull", repo, "-q", "--connections", str(connections),
+                         "--cache-dir", str(out / "qtk")], env)
+    else:
+        (out / "hft").mkdir(parents=True, exist_ok=True)
+        run = cpu_timed([PY, "-c", HFT_SHA_CODE, f"{srv.url}/{repo}/resolve/main/model.safetensors",
+                         str(out / "hft" / "model.safetensors")], env, stdout=True)
+        run.update(json.loads(run.pop("stdout")))
+    run["server_cpu_s"] = srv.cpu_s() - server0
+    print(f"  {name:<22} {run['wall_s']:6.2f} s  {size / run['wall_s'] / 1e6:6.0f} MB/s  "
+          f"{per_gib(run, size):5.2f} CPU-s/GiB  rss {run['rss_MB']:5.0f} MB  load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    return run
+
+
+def machine_limits(path: Path, size: int) -> dict:
+    """sha256 alone and a plain ``cat`` of ``path`` (in the page cache): CPU s per GiB and wall s."""
+    out = {}
+    for name, cmd in (("sha256 alone", [PY, "-c", SHA_CODE, str(path)]),
+                      ("cat FILE > /dev/null", ["sh", "-c", f"cat '{path}' > /dev/null"])):
+        run = cpu_timed(cmd)
+        out[name] = {"wall_s": run["wall_s"], "cpu_s_per_GiB": per_gib(run, size)}
+    return out
+
+
+def fetch_cpu(url: str, repo: str, work: Path, connections: int) -> dict:
+    """qtk's byte path alone: one pull in this process (no CLI start-up), its wall and CPU seconds."""
+    import resource
+
+    sys.path.insert(0, str(ROOT))
+    from qtk.hub.download import plan_pull, pull
+    from qtk.settings import Settings
+
+    cache = work / "fetch-cpu"
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = url
+    try:
+        plan = plan_pull(repo, settings=Settings.from_env(hub_cache=cache), check_access=False)
+        subprocess.run(["sync"])
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        stats = pull(plan, connections=connections).stats
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return {"wall_s": stats.wall_s, "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime}
+    finally:
+        if old is None:
+            os.environ.pop("HF_ENDPOINT", None)
+        else:
+            os.environ["HF_ENDPOINT"] = old
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _summary(runs: list[dict]) -> dict:
+    walls = [r["wall_s"] for r in runs]
+    cpu = [r["user_s"] + r["sys_s"] for r in runs]
+    return {"best_s": min(walls), "median_s": statistics.median(walls), "runs_s": walls,
+            "cpu_s_median": statistics.median(cpu), "peak_rss_MB": max(r["rss_MB"] for r in runs),
+            "server_cpu_s_median": statistics.median(r["server_cpu_s"] for r in runs)}
+
+
+def goal_loopback(args, work: Path, srv: "Server", repo: str, size: int) -> dict:
+    """qtk against hf_transfer + sha256, alternating, ``args.rounds`` rounds; CPU and the machine's limits."""
+    runs: dict[str, list[dict]] = {"qtk": [], ANCHOR: []}
+    limits = None
+    for r in range(args.rounds):
+        for name in (["qtk", ANCHOR] if r % 2 == 0 else [ANCHOR, "qtk"]):
+            out = work / f"goal-{r}-{name[:3]}"
+            runs[name].append(_goal_run(name, srv, repo, size, out, args.connections))
+            if name == "qtk" and limits is None:
+                (blob,) = (out / "qtk").rglob("blobs/*")
+                limits = machine_limits(blob, size)
+            shutil.rmtree(out, ignore_errors=True)
+    result = {name: _summary(rs) for name, rs in runs.items()}
+    q, a = result["qtk"], result[ANCHOR]
+    result["ratio_best"], result["ratio_median"] = a["best_s"] / q["best_s"], a["median_s"] / q["median_s"]
+    result["limits"] = limits
+    result["fetch_only"] = fetch_cpu(srv.url, repo, work, args.connections)
+    result["anchor_split"] = {k: statistics.median(r[k] for r in runs[ANCHOR])
+                              for k in ("download_s", "download_cpu_s", "sha256_s", "sha256_cpu_s")}
+    return result
+
+
+def _cpu_table(size: int, res: dict) -> None:
+    g = size / 2**30
+    q, a, f = res["qtk"], res[ANCHOR], res["fetch_only"]
+    rows = [
+        ("qtk pull (the CLI: start-up, metadata, transfer, sha256, place)", q["cpu_s_median"] / g, q["median_s"]),
+        ("qtk's byte path alone (in-process Fetcher: transfer + sha256)", (f["user_s"] + f["sys_s"]) / g,
+         f["wall_s"]),
+        ("hf_transfer + sha256 (one process)", a["cpu_s_median"] / g, a["median_s"]),
+        ("  of which hf_transfer's download", res["anchor_split"]["download_cpu_s"] / g,
+         res["anchor_split"]["download_s"]),
+        ("  of which the sha256 pass", res["anchor_split"]["sha256_cpu_s"] / g, res["anchor_split"]["sha256_s"]),
+    ]
+    rows += [(f"limit: {k} (page cache)", v["cpu_s_per_GiB"], v["wall_s"]) for k, v in res["limits"].items()]
+    rows.append(("the mirror (server process), per GiB it served to qtk", q["server_cpu_s_median"] / g, None))
+    print(f"\n(g3) CPU seconds per GiB, {size / 2**20:.0f} MiB over loopback (medians), wall beside it")
+    for label, cpu, wall in rows:
+        print(f"  {label:<66} {cpu:5.2f} CPU-s/GiB" + (f"  {wall:6.2f} s" if wall is not None else ""))
+
+
+def run_goals(args, work: Path) -> dict:
+    report: dict = {"goal_loopback_x": GOAL_LOOPBACK, "goal_throttled_x": GOAL_THROTTLED}
+    sizes = [int(x) * 2**20 for x in args.goal_sizes_mib.split(",") if x]
+    throttled = [int(x) for x in args.goal_throttled_mb.split(",") if x]
+    repos = [make_goal_repo(work / "store", size, sparse=size == max(sizes) and len(sizes) > 1) for size in sizes]
+    repos_t = [make_single_file_repo(work / "store", mb) for mb in throttled]
+    srv = Server(work / "store", 0, repos=tuple(r for r, _ in repos))
+    try:
+        for (repo, files), size in zip(repos, sizes):
+            sparse = " (sparse on the server)" if size == max(sizes) and len(sizes) > 1 else ""
+            print(f"(g1) loopback, one file of {size / 2**20:.0f} MiB{sparse}: qtk vs {ANCHOR}; load {load()}")
+            report[f"loopback_{size >> 20}MiB"] = goal_loopback(args, work, srv, repo, size)
+    finally:
+        srv.close()
+    srv = Server(work / "store", args.throttle_mbps * 1e6, repos=tuple(r for r, _ in repos_t))
+    try:
+        for repo, files in repos_t:
+            print(f"(g2) throttled {args.throttle_mbps:.0f} MB/s per connection, one file of "
+                  f"{sum(files.values()) / 1e6:.0f} MB: qtk vs hf download; load {load()}")
+            report[f"throttled_{repo.split('-')[-1]}"] = run_round_robin(
+                srv.url, files, work, args.throttled_rounds, args.connections, ["qtk", "hf download"], repo)
+    finally:
+        srv.close()
+    _print_goals(report, sizes, repos_t)
+    return report
+
+
+def _print_goals(report: dict, sizes: list[int], repos_t: list) -> None:
+    print(f"\n(g) issue 22 goals, {os.cpu_count()} cores, load {load()}")
+    print(f"  {'case':<44} {'qtk best/median s':>18} {'anchor best/median s':>21} {'ratio best/median':>18}  goal")
+    for size in sizes:
+        res = report[f"loopback_{size >> 20}MiB"]
+        q, a = res["qtk"], res[ANCHOR]
+        met = "met" if res["ratio_median"] >= GOAL_LOOPBACK else "NOT met"
+        print(f"  {f'loopback {size >> 20} MiB vs ' + ANCHOR:<44} {q['best_s']:8.2f} / {q['median_s']:6.2f}"
+              f" {a['best_s']:10.2f} / {a['median_s']:6.2f} {res['ratio_best']:8.2f}x / {res['ratio_median']:5.2f}x"
+              f"  >= {GOAL_LOOPBACK:.1f}x: {met}")
+    for repo, files in repos_t:
+        t = report[f"throttled_{repo.split('-')[-1]}"]
+        q, h = t["qtk"], t["hf download"]
+        met = "met" if q["x_hf_download_median"] >= GOAL_THROTTLED else "NOT met"
+        print(f"  {f'throttled {sum(files.values()) / 1e6:.0f} MB vs hf download':<44} {q['best_s']:8.2f} / "
+              f"{q['median_s']:6.2f} {h['best_s']:10.2f} / {h['median_s']:6.2f} {q['x_hf_download_best']:8.2f}x / "
+              f"{q['x_hf_download_median']:5.2f}x  >= {GOAL_THROTTLED:.0f}x: {met}")
+    for size in sizes:
+        _cpu_table(size, report[f"loopback_{size >> 20}MiB"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--topology", choices=["direct", "cdn", "both"], default="both")
+    ap.add_argument("--topology", choices=["goals", "direct", "cdn", "both", "all"], default="goals",
+                    help="goals: issue 22's targets; both: direct + cdn; all: everything")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--sizes-mb", default="100,160,300", help="cdn: single-file repos of these sizes (MB)")
     ap.add_argument("--url-ttl", type=float, default=2.0, help="cdn: seconds a signed URL stays valid")
     ap.add_argument("--rounds", type=int, default=3, help="unthrottled rounds (tools alternate)")
+    ap.add_argument("--goal-sizes-mib", default="512,4096", help="goals: loopback single files (MiB); the "
+                    "largest is sparse on the server")
+    ap.add_argument("--goal-throttled-mb", default="160,1074", help="goals: throttled single files (decimal MB; "
+                    "1074 MB = 1 GiB)")
     ap.add_argument("--throttled-rounds", type=int, default=1)
     ap.add_argument("--throttle-mbps", type=float, default=20.0, help="per connection, MB/s")
     ap.add_argument("--connections", type=int, default=16)
@@ -353,21 +584,29 @@ def main() -> None:
 
         tools.insert(2, "hf_transfer")
     except ImportError:
+        if args.topology in ("goals", "all"):
+            sys.exit("the goals need hf_transfer: pip install 'hf_transfer==0.1.9' (qtk's `bench` extra)")
         print("(hf_transfer not installed: `pip install hf_transfer` to include it)")
     work = Path(tempfile.mkdtemp(prefix="qtk-bench-", dir=os.environ.get("QTK_BENCH_DIR")))
+    print(f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}; "
+          f"load average {load()}")
+    report: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "connections": args.connections,
+                    "url_ttl_s": args.url_ttl, "load_at_start": os.getloadavg()}
     try:
-        files = make_repo(work / "store", args.size_mib)
-        sized = dict(make_single_file_repo(work / "store", int(mb)) for mb in args.sizes_mb.split(",") if mb) \
-            if args.topology != "direct" else {}
-        total = sum(files.values())
-        print(f"{len(files)} files, {total / 2**20:.0f} MiB; {platform.node()} {os.cpu_count()} cores; "
-              f"python {platform.python_version()}")
-        report: dict = {"bytes": total, "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                        "connections": args.connections, "url_ttl_s": args.url_ttl}
-        if args.topology in ("direct", "both"):
-            run_direct(args, work, files, tools, report)
-        if args.topology in ("cdn", "both"):
-            run_cdn(args, work, files, sized, report)
+        if args.topology in ("goals", "all"):
+            report["goals"] = run_goals(args, work)
+        if args.topology in ("direct", "cdn", "both", "all"):
+            files = make_repo(work / "store", args.size_mib)
+            sized = dict(make_single_file_repo(work / "store", int(mb)) for mb in args.sizes_mb.split(",") if mb) \
+                if args.topology != "direct" else {}
+            report["bytes"] = sum(files.values())
+            print(f"{len(files)} files, {report['bytes'] / 2**20:.0f} MiB")
+            if args.topology in ("direct", "both", "all"):
+                run_direct(args, work, files, tools, report)
+            if args.topology in ("cdn", "both", "all"):
+                run_cdn(args, work, files, sized, report)
+        report["load_at_end"] = os.getloadavg()
+        print(f"\nload average at the end: {load()}")
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     finally:
