@@ -1,4 +1,4 @@
-"""`qtk serve`'s request-head parser (qtk/hub/mirror/http1.py): a table of heads, and hypothesis properties.
+"""`qtk serve`'s request-head parser (qtk/mirror/http1.py): a table of heads, and hypothesis properties.
 
 * on the parser alone: whatever the bytes, it raises :class:`BadHead` or returns a head whose framing
   has exactly one reading (one ``Content-Length`` of ASCII digits, no ``Transfer-Encoding``, token names,
