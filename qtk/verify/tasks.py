@@ -461,7 +461,7 @@ def _configure(loaded: dict, *, num_fewshot: int | None, seed: int) -> None:
 def evaluate_model(lm, taskset: TaskSet, *, limit: int | None = None, seed: int = 0, num_fewshot: int | None = None,
                    label: str = "", progress=_NO_PROGRESS) -> dict[str, dict]:
     """Every task of ``taskset`` on one model: {result name: task result (see :func:`_task_result`)}.
-    ``progress(stage, docs_done, docs_total, None, unit="docs")`` after each slice of documents."""
+    ``progress(stage, docs_done, docs_total, None, unit="docs")`` as the model answers."""
     from lm_eval import evaluator
 
     out: dict[str, dict] = {}
@@ -497,11 +497,11 @@ def evaluate_all(models: list, taskset: TaskSet, opts, n_ctx: int, progress=_NO_
 
 
 def _number(v) -> float | None:
+    """A metric's value as a float; None for lm-eval's "N/A" (a stderr it did not compute) and the like."""
     try:
-        x = float(v)
+        return float(v)
     except (TypeError, ValueError):
         return None
-    return x
 
 
 def _task_result(res: dict, name: str, meter: _Metered) -> dict:
