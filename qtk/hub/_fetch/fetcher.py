@@ -7,7 +7,8 @@ again from zero once (a mismatch), then fail. The main thread meanwhile flushes 
 (:class:`~.state.StateFlusher`) until every file is placed or one error stops the pull.
 
 Threads: ``_tasks``, ``_pending`` and ``_error`` are read and written under ``_cv``; the counters, the
-flusher, the session and each task guard their own fields; everything else is set in ``__init__``.
+flusher, the session and each task guard their own fields; everything else is set in ``__init__`` (or, for
+``_hasher`` and ``_workers``, in :meth:`Fetcher.fetch_all` before any thread starts) and only read after.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class Fetcher:
                 self._shutdown()
             finally:
                 self._locker.close()
-        if self._error is not None:
-            raise self._error
+        with self._cv:
+            error = self._error
+        if error is not None:
+            raise error
         return self._counters.snapshot(wall_s=time.monotonic() - t0)
 
     def _shared(self) -> Shared:
