@@ -52,7 +52,8 @@ class ManifestError(errors.UsageError):
 # field -> accepted python types (bool is not an int here)
 _QUANTIZE = {"bits": int, "group_size": int, "sym": bool, "desc_act": bool, "calibration": str, "text_field": str,
              "samples": int, "seq_len": int, "seed": int, "chat_template": bool, "allow_fewer": bool,
-             "smooth": bool, "smooth_alpha": (int, float)}
+             "smooth": bool, "smooth_alpha": (int, float),
+             "gguf_type": str, "imatrix": bool}  # gguf: one file type per recipe (each artifact is verified and gated)
 _VERIFY = {"text": str, "text_field": str, "ctx": int, "max_tokens": int, "smoke": bool, "max_new_tokens": int,
            "seed": int,
            "tasks": Array(str), "tasks_dir": str, "limit": int, "num_fewshot": int}  # qtk verify --tasks

@@ -165,11 +165,7 @@ class GGUF(Method):
         t0, c0 = time.monotonic(), _cpu_s()
         dtype = compute_dtype(ctx.device)
         model, _ = load_causal_lm(ctx.model.path, dtype=dtype, device=ctx.device)
-        modules = dict(model.named_modules())
-        # HF weight -> GGUF blk.* tensors, for the modules that are matmuls (nn.Linear) of the decoder blocks
-        targets = {name[: -len(".weight")]: [g for g in gguf if g.startswith("blk.")]
-                   for name, gguf in tensor_map.items() if name.endswith(".weight")}
-        targets = {m: g for m, g in targets.items() if g and type(modules.get(m)).__name__ == "Linear"}
+        targets = _matmul_targets(model, tensor_map)
         if not targets:
             raise errors.QuantizeError("No decoder matmul of the model matches a tensor the converter wrote.",
                                        hint="Use --no-imatrix with K-quants; please report the architecture.")
@@ -208,6 +204,15 @@ class GGUF(Method):
         from .gguf_card import model_card
 
         return model_card(model, provenance)
+
+
+def _matmul_targets(model, tensor_map: dict[str, list[str]]) -> dict[str, list[str]]:
+    """HF module name -> the GGUF ``blk.*`` tensors its weight became, for the decoder blocks' matmuls
+    (``nn.Linear``). No reference to a module outlives the call: the model is freed before quantizing."""
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    targets = {name[: -len(".weight")]: [g for g in gguf if g.startswith("blk.")]
+               for name, gguf in tensor_map.items() if name.endswith(".weight")}
+    return {m: g for m, g in targets.items() if g and kinds.get(m) == "Linear"}
 
 
 def modelfile(base: str, types: list[str]) -> str:
