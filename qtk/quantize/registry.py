@@ -101,11 +101,12 @@ register(MethodSpec(
 # GGUF files for llama.cpp / Ollama: llama.cpp's converter (vendored), an importance matrix collected over the whole
 # model (BF16 on AMX/AVX512-BF16 CPUs and GPUs, else FP32), llama_model_quantize per type. weights: the BF16
 # conversion, the largest file a GGUF build writes (every type is made from it). CPU time measured on SmolLM2-135M,
-# conversion + 64 x 256-token imatrix + Q4_K_M (BENCHMARKS.md "GGUF export").
+# conversion + 64 x 256-token imatrix + Q4_K_M: 73 CPU s against GPTQ g64's 133 in the same benchmark run, 58 after
+# the imatrix hooks' rework (BENCHMARKS.md "GGUF export"); the importance matrix's forward passes are most of it.
 register(MethodSpec(
     "gguf", "qtk.quantize.gguf:GGUF", "gguf",
     reads=("gguf_type", "imatrix", *CALIBRATION_OPTIONS),
-    memory_model="whole_model", weights="gguf-bf16", cpu_seconds_per_mparam=0.3,
+    memory_model="whole_model", weights="gguf-bf16", cpu_seconds_per_mparam=0.5,
     summary="GGUF files for llama.cpp/Ollama (--gguf-type Q4_K_M, repeatable), importance matrix from the "
             "calibration set (--no-imatrix)"))
 
