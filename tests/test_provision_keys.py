@@ -282,3 +282,30 @@ def test_quantize_and_verify_read_exactly_the_planned_files(upstream, qtk, tmp_p
     card = (build / "README.md").read_text()
     assert "base_model: acme/smol" in card and f"acme/smol @ {prov['source']['commit']}" in card
     assert str(store.sources) not in card
+
+
+def test_a_calibrated_cpu_build_is_keyed_by_its_torch_thread_count(upstream, qtk, tmp_path):
+    """GPTQ's bytes on the CPU depend on torch's thread count (issue 19 item 15): one key must name one set
+    of bytes, so the count a calibrated build computes with is in its key; NF4 (no calibration) is not keyed
+    by it, and a Ray task's count is its --ray-task-cpus."""
+    torch = pytest.importorskip("torch")
+    from qtk.provision import ProvisionOptions, load_manifest
+    from qtk.provision.run import Provisioner
+
+    m = write(tmp_path, model("a", 'method = "nf4"', 'method = "gptq"'))
+    before = torch.get_num_threads()
+    keys = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            code, s = run(qtk, m, "--dry-run")
+            assert code == 0, s
+            keys[n] = {a["repo_id"]: a["keys"]["quantize"] for a in s["artifacts"]}
+    finally:
+        torch.set_num_threads(before)
+    assert keys[1]["qtk/a-nf4"] == keys[2]["qtk/a-nf4"]
+    assert keys[1]["qtk/a-gptq"] != keys[2]["qtk/a-gptq"]
+
+    man = load_manifest(m)
+    assert Provisioner(man, ProvisionOptions(executor="ray", ray_task_cpus=3)).build_threads() == 3
+    assert Provisioner(man, ProvisionOptions()).build_threads() == torch.get_num_threads()

@@ -49,11 +49,15 @@ def device_class(device: str) -> str:
         return "cuda"
 
 
-def toolchain(distribution: str | None, device: str) -> dict:
+def toolchain(distribution: str | None, device: str, *, cpu_threads: int | None = None) -> dict:
     """The versions a step's numbers depend on (read from the installed distributions' metadata:
-    nothing is imported)."""
+    nothing is imported). ``cpu_threads``: the torch thread count a calibrated CPU build computes with
+    (GPTQ's bytes change with it: matrix products split their sums by thread), recorded only for the
+    ``cpu`` device class, so one key always names one set of bytes."""
     out = {"qtk": __version__, "torch": _dist_version("torch"), "transformers": _dist_version("transformers"),
            "device": device_class(device)}
+    if cpu_threads and out["device"] == "cpu":
+        out["cpu_threads"] = cpu_threads
     if distribution and distribution not in out and distribution != "qtk":
         out[distribution] = _dist_version(distribution)
     return out

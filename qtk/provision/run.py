@@ -209,6 +209,18 @@ class Provisioner:
                 self._digests[k] = load_texts(spec, text_field=text_field, settings=self.settings).sha256
         return self._digests[k]
 
+    def build_threads(self) -> int | None:
+        """The torch thread count a CPU build computes with: a Ray task's ``--ray-task-cpus``
+        (ray_executor sets it), else this process's torch default (None without torch: the key then
+        cannot name it, as before)."""
+        if self.opts.executor == "ray":
+            return self.opts.ray_task_cpus
+        try:
+            import torch
+        except ImportError:
+            return None
+        return torch.get_num_threads()
+
     def _inputs(self, spec: ModelSpec, recipe: Recipe, source: dict) -> dict:
         from ..quantize.base import QuantizeOptions
         from ..quantize.registry import get_method, method_spec
@@ -224,7 +236,9 @@ class Provisioner:
         qin = self.pinned.get(spec.artifact_repo(recipe))
         if qin is None:
             cal = self._text_digest(q.calibration, q.text_field) if "calibration" in reads else None
-            qin = StepInputs(dict(source.get("files", ())), qparams, cal, tools)
+            threads = self.build_threads() if method.calibrates(q) else None
+            qtools = toolchain(getattr(method, "distribution", None), self.device, cpu_threads=threads)
+            qin = StepInputs(dict(source.get("files", ())), qparams, cal, qtools)
         cal = qin.calibration_sha256
         qkey = qin.key()
         v = VerifyOptions(**spec.verify, device=self.m.device)
