@@ -25,7 +25,6 @@ import ctypes
 import ctypes.util
 import errno
 import functools
-import json
 import os
 import secrets
 import shutil
@@ -110,8 +109,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
 
 
 def write_json(path: str | os.PathLike, obj, *, indent: int | None = 2, newline: bool = True, **kwargs) -> None:
-    """:func:`write_atomic` of ``json.dumps(obj, indent=indent, default=str)`` (+ a newline)."""
-    text = json.dumps(obj, indent=indent, default=str) + ("\n" if newline else "")
+    """:func:`write_atomic` of strict JSON (:func:`qtk._json.dumps`: non-finite floats as ``null``) (+ a newline)."""
+    from . import _json
+
+    text = _json.dumps(obj, indent=indent) + ("\n" if newline else "")
     write_atomic(path, text, **kwargs)
 
 

@@ -6,7 +6,6 @@ JSON document) goes to stdout. Everything printed passes through :func:`qtk.erro
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 import click
 from rich.console import Console
 
+from .. import _json
 from ..errors import redact
 
 __all__ = ["Output", "get_output"]
@@ -66,7 +66,7 @@ class Output:
         click.echo(redact(cap.get()), nl=False)
 
     def json(self, obj) -> None:
-        click.echo(redact(json.dumps(obj, indent=2, default=str)))
+        click.echo(redact(_json.dumps(obj, indent=2)))
 
 
 def get_output(ctx: click.Context | None = None) -> Output:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from .. import errors
+from .. import _json, errors
 from ._output import get_output
 from ._progress import backend_session
 
@@ -138,13 +137,13 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
         failures = check_gates(report, gates)
         report["gates"] = {**limits, "require_smoke": require_smoke, "failures": failures, "passed": not failures}
         if json_file is not None and str(json_file) != "-":
-            json_file.write_text(json.dumps(report, indent=2, default=str))
+            json_file.write_text(_json.dumps(report, indent=2))
         if md_file is not None:
             md_file.write_text(render.markdown(report))
         if plot_file is not None:
             render.plot(report, plot_file)  # matplotlib's own chatter (font cache) stays in the log
     if str(json_file) == "-":
-        click.echo(json.dumps(report, indent=2, default=str))
+        click.echo(_json.dumps(report, indent=2))
     if str(json_file) != "-":
         if smoke and smoke_answers and not quiet:  # the answers first: the table is the last thing on the terminal
             for m in report["models"]:

@@ -41,7 +41,6 @@ failure raises :class:`StopRun`, which ends the run. :func:`qtk.provision.provis
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import time
@@ -50,7 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, _fs, errors
+from .. import __version__, _fs, _json, errors
 from .._stdio import output_to_file
 from ..settings import Settings
 from .manifest import Manifest, ModelSpec, Recipe
@@ -577,8 +576,8 @@ class Provisioner:
             card = (build / "README.md").read_text() if (build / "README.md").is_file() else f"# {row.repo_id}\n"
             card += (f"\n## Verification (qtk provision)\n\nGates passed: "
                      f"{', '.join(f'{k} {v}' for k, v in last['gates'].items()) or 'none set'}.\n\n" + markdown(report))
-            extra = {"qtk_verify_report.json": json.dumps(report, indent=2, default=str) + "\n",
-                     "qtk_provision.json": json.dumps(prov, indent=2, default=str) + "\n", "README.md": card}
+            extra = {"qtk_verify_report.json": _json.dumps(report, indent=2) + "\n",
+                     "qtk_provision.json": _json.dumps(prov, indent=2) + "\n", "README.md": card}
             with store.lock("publish", timeout=self.opts.lock_timeout):  # one writer of links at a time
                 previous = store.published_key(row.repo_id)
                 store.publish(row.repo_id, key, build, extra)

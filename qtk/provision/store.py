@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .. import _fs, errors
+from .. import _fs, _json, errors
 from ..hub._lock import Locker, LockWaitTimeout
 from .lease import Lease, LeaseInfo, env_ttl, fs_now, host_id, is_lease_id, lease_expired
 
@@ -141,7 +141,7 @@ class ProvisionStore:
         run = re.sub(r"[^A-Za-z0-9_-]", "_", str(event.get("run") or "run"))
         writer = self.lease.id if self.lease else f"{host_id()}-{os.getpid()}"
         path = self.events_dir / f"{run}--{writer}.jsonl"  # a run on Ray has one writer per task
-        line = (json.dumps(event, default=str) + "\n").encode()
+        line = (_json.dumps(event) + "\n").encode()
         with self._events_mu:
             self.events_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
