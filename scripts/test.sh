@@ -50,6 +50,7 @@ run_pytest() {  # VENV LOG PROFILE ARGS...
 rm -rf "$work"
 mkdir -p "$work/dist"
 say "building the wheel"
+rm -rf "$root/build"  # setuptools' scratch: files moved out of qtk/ would otherwise ship from a stale build/lib
 "${PYTHON:-python3}" -m pip wheel -q --no-deps -w "$work/dist" "$root" > "$work/wheel.log" 2>&1 \
   || { cat "$work/wheel.log" >&2; exit 1; }
 wheel=$(ls "$work"/dist/qtk-*.whl)
