@@ -5,6 +5,7 @@ with local data, lm-eval's registry with a real task definition over local rows,
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -270,7 +271,7 @@ def test_progress_line_shows_documents_per_second():
 
     from qtk.cli._progress import StepProgress
 
-    con = Console(file=open(os.devnull, "w"), force_terminal=False)
+    con = Console(file=io.StringIO(), force_terminal=False)
     lines = []
     con.print = lambda text, **k: lines.append(text)  # noqa: E731
     p = StepProgress(con)
@@ -310,7 +311,7 @@ def test_report_shows_accuracy_beside_perplexity_and_recovery(tmp_path):
     rows = task_rows(rep)
     assert rows[0][3:5] == ["80.0 ± 4.0", "ref"] and rows[1][3:5] == ["70.0 ± 4.0", "87.5%"]
     assert rows[1][7] == "93.8%" and rows[2][3:5] == ["—", "—"] and rows[2][7] == "—"  # missing: no overall
-    con = Console(width=250, record=True, file=open(os.devnull, "w"))
+    con = Console(width=250, record=True, file=io.StringIO())
     con.print(table(rep))
     text = con.export_text()
     assert "task accuracy (lm-eval 0.4.13, first 100 documents" in text and "87.5%" in text
@@ -377,11 +378,11 @@ def test_a_tasks_dir_task_shadows_a_registry_name(lm_eval, tmp_path):
 
 
 @pytest.mark.parametrize("yaml, files, code, words", [
-    ("task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nowhere.jsonl\ntest_split: test\n"
-     "output_type: multiple_choice\ndoc_to_text: x\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n", {},
+    (("task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nowhere.jsonl\ntest_split: test\n"
+      "output_type: multiple_choice\ndoc_to_text: x\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n"), {},
      2, "data file"),
-    ("task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\ntest_split: test\n"
-     "output_type: multiple_choice\ndoc_to_text: x\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n",
+    (("task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\ntest_split: test\n"
+      "output_type: multiple_choice\ndoc_to_text: x\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n"),
      {"d.jsonl": "this is not json\n"}, 2, "could not be loaded"),
     ("task: t\ninclude: missing_base.yaml\n", {}, 2, "cannot be read"),
     ("task: t\ndataset_path: json\n  bad: indentation\n", {}, 2, "cannot be read"),

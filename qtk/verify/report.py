@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Group
@@ -55,7 +56,7 @@ def task_names(report: dict) -> list[str]:
 
 
 def _pct(x) -> str:
-    return "—" if x is None or x != x else f"{x:.1f}%"  # None, NaN: not measured
+    return "—" if x is None or not math.isfinite(x) else f"{x:.1f}%"  # None, NaN: not measured
 
 
 def _acc(t: dict | None) -> str:
