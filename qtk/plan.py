@@ -366,8 +366,8 @@ def _whole_model_memory(shape: ModelShape, method: str, device: str, bf16: int, 
     dtype (FP32 on the CPU for a method that runs calibration passes, else BF16) + half its BF16 size in
     flight (checkpoint pages while loading, the 8-bit copy while compressing) + one calibration batch's
     activations (float32 on the CPU: a layer's inputs, q/k/v/o, the MLP's three intermediates, the
-    attention scores). Measured on SmolLM2-135M, CPU, host peak: FP8 0.88 GB (this gives 0.90), W8A8
-    smoothed over 64 x 256 tokens 1.32 GB (1.47)."""
+    attention scores). Measured on SmolLM2-135M, CPU, host peak: FP8 0.82-0.88 GB (this gives 0.90), W8A8
+    smoothed over 64 x 256 tokens 1.32 GB in FP32, 1.08-1.18 GB in BF16 on an AMX CPU (1.47)."""
     from .quantize.registry import method_spec
 
     calibrates = "calibration" in method_spec(method).reads

@@ -107,12 +107,12 @@ class CompressedMethod(Method):
         """The dtype the model is loaded in: the saved one, except on a CPU without fast BF16 matmuls
         (AVX512-BF16/AMX) when calibration passes run through it: FP32 there (BF16 is emulated, ~7x slower;
         with AMX, BF16 took 0.6x FP32's CPU time for SmolLM2's calibration forwards)."""
+        import torch
+
         from .gguf import compute_dtype  # the one owner of "which dtype computes fast here"
 
-        if self.calibrates(ctx.options):
-            import torch
-
-            return compute_dtype(ctx.device) if compute_dtype(ctx.device) == torch.float32 else saved_dtype(ctx)
+        if self.calibrates(ctx.options) and compute_dtype(ctx.device) == torch.float32:
+            return torch.float32
         return saved_dtype(ctx)
 
     def run(self, ctx: RunContext) -> dict:
@@ -120,10 +120,10 @@ class CompressedMethod(Method):
         from compressed_tensors.compressors import ModelCompressor
         from transformers import AutoModelForCausalLM
 
+        load_dtype = self.load_dtype(ctx)
         model = AutoModelForCausalLM.from_pretrained(
-            ctx.model.path, dtype=self.load_dtype(ctx),
-            device_map={"": 0} if ctx.device == "cuda" else "cpu").eval()
-        details = {"scheme": self.preset, "ignore": IGNORE}
+            ctx.model.path, dtype=load_dtype, device_map={"": 0} if ctx.device == "cuda" else "cpu").eval()
+        details = {"scheme": self.preset, "ignore": IGNORE, "compute_dtype": str(load_dtype).removeprefix("torch.")}
         with torch.no_grad():
             details.update(self.prepare(model, ctx))
             dtype = saved_dtype(ctx)

@@ -85,7 +85,7 @@ register(MethodSpec(
     memory_model="quantized_load", weights="nf4", cpu_seconds_per_mparam=0.2,
     summary="bitsandbytes NF4, data-free"))
 # compressed-tensors checkpoints for vLLM (Python >= 3.11). The whole model is loaded; on CPU, SmolLM2-135M:
-# FP8 ~0.1 CPU s per Mparam, W8A8 with smoothing over 64 x 256 tokens ~0.3 (BENCHMARKS.md "FP8 and INT8 W8A8").
+# FP8 15 CPU s (0.1 per Mparam), W8A8 smoothed over 64 x 256 tokens 50 CPU s (0.4) (BENCHMARKS.md, "--method fp8 / w8a8").
 register(MethodSpec(
     "fp8", "qtk.quantize.fp8:FP8", "fp8",
     reads=(),  # data-free and 8-bit only: no option changes its output
@@ -95,7 +95,7 @@ register(MethodSpec(
 register(MethodSpec(
     "w8a8", "qtk.quantize.w8a8:W8A8", "w8a8",
     reads=("smooth", "smooth_alpha", *CALIBRATION_OPTIONS),
-    memory_model="whole_model", weights="int8-w8a8", cpu_seconds_per_mparam=0.3,
+    memory_model="whole_model", weights="int8-w8a8", cpu_seconds_per_mparam=0.4,
     summary="compressed-tensors INT8 W8A8 for vLLM (per-channel weights, dynamic per-token activations), "
             "SmoothQuant-smoothed from calibration (--no-smooth); Python >= 3.11"))
 # GGUF files for llama.cpp / Ollama: llama.cpp's converter (vendored), an importance matrix collected over the whole
