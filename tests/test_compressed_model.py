@@ -262,6 +262,23 @@ def test_cli_keeps_the_backend_in_the_log(qtk, smol_layers, tmp_path, monkeypatc
     assert "Compressing model" in log.read_text() and "Compressing" not in r.stderr
 
 
+def test_disk_check_uses_the_8_bit_output_size(src, tmp_path, monkeypatch):
+    """The output is ~0.6 of the BF16 bytes, not the 4-bit methods' ~1/4: refused before loading anything."""
+    import shutil as sh
+
+    from qtk.hfload import read_config
+
+    planned = P.weight_bytes(P.shape_from_config(read_config(src, missing="?")), P.FORMATS["fp8-dynamic"])
+    bf16 = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    free = (bf16 // 3 + planned) // 2  # enough for a third of BF16, not for the FP8 output
+    assert bf16 // 3 < free < planned
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=free))
+    with pytest.raises(errors.DiskSpaceError, match="needs roughly"):
+        quantize(str(src), tmp_path / "fp8", QuantizeOptions("fp8", bits=8))
+    assert not (tmp_path / "fp8").exists()
+
+
 @pytest.mark.slow
 def test_qtk_verify_measures_both_outputs(qtk, src, outs, tmp_path):
     report = tmp_path / "r.json"

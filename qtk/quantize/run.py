@@ -111,6 +111,11 @@ def _check_output(out: Path, overwrite: bool, log: Callable[[str], None] = lambd
 def _check_resources(model: SourceModel, method: Method, options: QuantizeOptions, device: str, out_parent: Path,
                      warn) -> None:
     need = model.weight_bytes // 3  # 4-bit weights + scales are ~1/4 of BF16; keep a margin
+    with contextlib.suppress(errors.ModelFormatError):  # the planner's size of the output, where it reads the config
+        from ..plan import quantized_format, shape_from_config, weight_bytes
+
+        # 8-bit methods (fp8, w8a8) write ~0.6 of the BF16 bytes; 16-bit embeddings make 4-bit ones > 1/3 on small models
+        need = max(need, weight_bytes(shape_from_config(model.config), quantized_format(method.name, options.group_size)))
     free = shutil.disk_usage(out_parent).free
     if need > free:
         raise errors.DiskSpaceError(
