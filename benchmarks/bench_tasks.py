@@ -39,7 +39,7 @@ def cpu_s() -> float:
 def build(fmt: str, bf16: Path, work: Path) -> str:
     from qtk.embedded import shipped_gguf
     from qtk.quantize.base import QuantizeOptions
-    from qtk.quantize.registry import get_method
+    from qtk.methods import get_method
     from qtk.quantize.run import quantize
 
     if fmt == "bf16":

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import errors
 from .hfload import read_config
-from .quantize.gguf_types import FILE_TYPES as _GGUF_TYPES
-from .quantize.gguf_types import GGML_TYPES as _GGML_TYPES
+from .gguf_types import FILE_TYPES as _GGUF_TYPES
+from .gguf_types import GGML_TYPES as _GGML_TYPES
 
 __all__ = ["ModelShape", "FORMATS", "GPUS", "shape_from_config", "weight_bytes", "kv_bytes", "plan",
            "parse_context", "parse_gpus", "load_config"]
@@ -50,7 +50,7 @@ def _group_bits(group: int, zero_bits: float) -> float:
     return 4 + (16 + zero_bits) / group
 
 
-# GGUF types: each tensor sized at the type llama_model_quantize gives it (qtk.quantize.gguf_types: llama.cpp's
+# GGUF types: each tensor sized at the type llama_model_quantize gives it (qtk.gguf_types: llama.cpp's
 # type table and its per-tensor mix rules; a K-quant mix keeps some tensors at more bits, rows whose width the
 # 256-block does not divide fall back to 32-block types). linear_bits: the file type's base type, for display.
 FORMATS = {f.name: f for f in [
@@ -160,7 +160,7 @@ def shape_from_config(cfg: dict) -> ModelShape:
 def gguf_weight_bytes(shape: ModelShape, gguf_type: str, *, imatrix: bool = True) -> int:
     """Bytes of the tensors of a GGUF file of ``gguf_type`` (metadata and the tokenizer, a few MB, not
     counted): llama.cpp's converter's tensors, each at the type llama_model_quantize picks for it."""
-    from .quantize.gguf_types import decoder_tensors, file_type, planned_types, tensor_bytes
+    from .gguf_types import decoder_tensors, file_type, planned_types, tensor_bytes
 
     tensors = decoder_tensors(vocab=shape.vocab, hidden=shape.hidden, layers=shape.layers, heads=shape.heads,
                               kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=shape.intermediate,
@@ -288,10 +288,12 @@ def plan(shape: ModelShape, *, formats: list[str], contexts: list[int], batch: i
 def quantized_format(method: str, group_size: int = 128) -> Format:
     """The on-disk/in-memory format a ``qtk quantize`` recipe produces (the method registry's
     ``weights`` says which: a :data:`FORMATS` entry such as NF4 or FP8, or 4-bit with group scales/zeros)."""
-    from .quantize.registry import method_spec
+    from .methods import method_spec
 
     weights = method_spec(method).weights
     if weights != "group":
+        if weights not in FORMATS:
+            raise ValueError(f"method {method!r}: weights {weights!r} is neither 'group' nor one of qtk.plan.FORMATS")
         return FORMATS[weights]
     g = group_size if group_size and group_size > 0 else 1 << 30  # per row: one scale per row
     return Format(f"{method}-g{group_size}", f"{method.upper()} 4-bit, group {group_size}", _group_bits(g, 4), 16)
@@ -323,7 +325,7 @@ def quantize_memory(shape: ModelShape, method: str, *, device: str, group_size: 
     stay resident) beside the 4-bit copy, so the host peak is runtime + the BF16 weights; on a GPU the
     4-bit model lands in VRAM (113 MB measured for SmolLM2). ``holds`` says which ("whole model" or
     "one layer"), so a refusal can say why."""
-    from .quantize.registry import method_spec
+    from .methods import method_spec
 
     bf16 = weight_bytes(shape, FORMATS["bf16"])
     q = weight_bytes(shape, quantized_format(method, group_size))
@@ -368,7 +370,7 @@ def _whole_model_memory(shape: ModelShape, method: str, device: str, bf16: int, 
     activations (float32 on the CPU: a layer's inputs, q/k/v/o, the MLP's three intermediates, the
     attention scores). Measured on SmolLM2-135M, CPU, host peak: FP8 0.82-0.88 GB (this gives 0.90), W8A8
     smoothed over 64 x 256 tokens 1.32 GB in FP32, 1.08-1.18 GB in BF16 on an AMX CPU (1.47)."""
-    from .quantize.registry import method_spec
+    from .methods import method_spec
 
     calibrates = "calibration" in method_spec(method).reads
     width = 4 if device == "cpu" else 2

@@ -12,7 +12,8 @@ import pytest
 
 from qtk import errors
 from qtk import plan as P
-from qtk.quantize import _compressed, registry
+from qtk import methods as registry
+from qtk.quantize import _compressed
 from qtk.quantize.base import QuantizeOptions
 from qtk.quantize.fp8 import FP8
 from qtk.quantize.w8a8 import W8A8

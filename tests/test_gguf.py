@@ -48,7 +48,7 @@ def test_each_type_loads_and_generates_with_the_planned_tensor_types(export, smo
 
     from qtk.hfload import read_config
     from qtk.plan import gguf_weight_bytes, shape_from_config
-    from qtk.quantize.gguf_types import decoder_tensors, file_type, planned_types
+    from qtk.gguf_types import decoder_tensors, file_type, planned_types
 
     res, _ = export
     shape = shape_from_config(read_config(smol8, missing="?"))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from qtk import errors
 from qtk.quantize.base import QuantizeOptions
 from qtk.quantize.gguf_convert import VENDOR_DIR, converter_info, supported_architectures
-from qtk.quantize.gguf_types import FILE_TYPES, GGML_TYPES, GGUFTensor, _fallback, file_type
+from qtk.gguf_types import FILE_TYPES, GGML_TYPES, GGUFTensor, _fallback, file_type
 
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_attention_heads": 32,
             "num_key_value_heads": 8, "num_hidden_layers": 32, "intermediate_size": 14336, "vocab_size": 128256,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qtk import _fs, errors
-from qtk.quantize import registry
+from qtk import methods as registry
 from qtk.quantize.base import Method, QuantizeOptions, RunContext
 
 pytest.importorskip("torch")
@@ -157,7 +157,7 @@ KILLER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     src, out, step, mode = sys.argv[2], os.path.abspath(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     import test_quantize_output as T
-    from qtk.quantize import registry
+    from qtk import methods as registry
     for spec in T.SPECS:
         registry.register(spec)
     try:
@@ -246,7 +246,7 @@ def test_a_second_host_never_removes_a_live_runs_temporary(tiny, tmp_path, monke
     out = tmp_path / "out"
     started = tmp_path / "started"
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_quantize_output as T; "
-            "from qtk.quantize import registry; [registry.register(s) for s in T.SPECS]; "
+            "from qtk import methods as registry; [registry.register(s) for s in T.SPECS]; "
             "from qtk.quantize.run import quantize; from qtk.quantize.base import QuantizeOptions; "
             f"quantize({str(tiny)!r}, {str(out)!r}, QuantizeOptions(method='toy-blocking', bits=2, seed=9))")
     a = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "QTK_HOST_ID": "node-a",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qtk.quantize import registry
+from qtk import methods as registry
 
 BROKEN = registry.MethodSpec("toy-broken", "toy_method:ToyBroken", "toy", reads=("bits",),
                              memory_model="quantized_load", weights="nf4", summary="fails inside its backend")
@@ -61,7 +61,7 @@ def test_verbose_streams_the_backend_and_writes_no_log(qtk, broken, tiny, tmp_pa
 
 
 def test_quiet_prints_only_the_result(qtk, tiny, tmp_path, monkeypatch):
-    from qtk.quantize.registry import MethodSpec
+    from qtk.methods import MethodSpec
 
     toy = MethodSpec("toy", "toy_method:Toy", "toy", reads=("bits",), memory_model="quantized_load", weights="nf4",
                      summary="toy")

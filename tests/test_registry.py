@@ -9,7 +9,7 @@ import pytest
 
 from qtk import errors
 from qtk import plan as P
-from qtk.quantize import registry
+from qtk import methods as registry
 
 TOY = registry.MethodSpec("toy", "toy_method:Toy", "toy", reads=("bits",), memory_model="quantized_load",
                           weights="nf4", summary="a toy that copies the weights")
@@ -40,6 +40,25 @@ def test_unknown_method_lists_the_registered_ones(toy):
 def test_a_spec_with_an_unknown_memory_model_is_refused():
     with pytest.raises(ValueError, match="memory_model"):
         replace(TOY, memory_model="guess")
+
+
+def test_every_registered_method_names_a_format_the_planner_sizes():
+    from qtk import plan as P
+
+    for spec in registry.methods():
+        assert spec.weights == "group" or spec.weights in P.FORMATS, spec
+        assert P.quantized_format(spec.name).linear_bits > 0
+
+
+def test_a_method_whose_weights_the_planner_does_not_know_is_refused_by_name():
+    from qtk import plan as P
+
+    registry.register(replace(TOY, name="toy-bad", weights="int3-mystery"))
+    try:
+        with pytest.raises(ValueError, match="toy-bad.*int3-mystery"):
+            P.quantized_format("toy-bad")
+    finally:
+        registry.unregister("toy-bad")
 
 
 def test_registered_method_appears_in_the_cli(qtk, toy):

@@ -15,7 +15,7 @@ __all__ = ["quantize_cmd", "calibration"]
 
 
 def _default_output(model: str, method: str, bits: int, group: int) -> Path:
-    from ..quantize.registry import method_spec
+    from ..methods import method_spec
 
     name = Path(model).name if Path(model).exists() else model.split("/")[-1]
     if method_spec(method).output_format == "gguf":  # several types per run: the folder holds them all
@@ -33,7 +33,7 @@ class MethodChoice(click.Choice):
 
     @property
     def choices(self):
-        from ..quantize.registry import method_names
+        from ..methods import method_names
 
         return method_names()
 
@@ -46,7 +46,7 @@ class MethodHelpOption(click.Option):
     """``--method``'s help: one line per registered method, from the registry."""
 
     def get_help_record(self, ctx):
-        from ..quantize.registry import methods
+        from ..methods import methods
 
         self.help = "; ".join(f"{m.name}: {m.summary}" for m in methods()) + "."
         return super().get_help_record(ctx)
@@ -115,7 +115,7 @@ def quantize_cmd(model, method, output, bits, group_size, sym, desc_act, calibra
       qtk quantize ./model --method gguf --gguf-type Q4_K_M --gguf-type IQ4_XS -o ./model-gguf   # llama.cpp/Ollama
     """
     from ..quantize.base import QuantizeOptions
-    from ..quantize.registry import get_method
+    from ..methods import get_method
     from ..quantize.run import quantize
 
     out = get_output()

@@ -141,7 +141,7 @@ def _published_id(c: Checker, org: str, name: str, rname: str, org_path: tuple, 
 
 def _recipe(c: Checker, r: object, rp: tuple, d: dict, model_gates: dict, methods: tuple[str, ...]) -> Recipe:
     from ..quantize.base import QuantizeOptions
-    from ..quantize.registry import get_method
+    from ..methods import get_method
 
     c.table(r, _RECIPE, rp, required=("method",))
     if r["method"] not in methods:
@@ -195,7 +195,7 @@ def _model(c: Checker, m: object, mp: tuple, d: dict, methods: tuple[str, ...], 
 
 def load_manifest(path: str | Path, *, store: str | Path | None = None) -> Manifest:
     """Read and validate a manifest. ``store`` (or $QTK_STORE) overrides the manifest's store path."""
-    from ..quantize.registry import method_names
+    from ..methods import method_names
 
     methods = method_names()  # read when called: methods registered later are known
     raw, c = read_toml(path, what="Manifest", error=ManifestError, hint=_HINT,

@@ -222,7 +222,7 @@ class Provisioner:
 
     def _inputs(self, spec: ModelSpec, recipe: Recipe, source: dict) -> dict:
         from ..quantize.base import QuantizeOptions
-        from ..quantize.registry import get_method, method_spec
+        from ..methods import get_method, method_spec
         from ..verify.run import Gates, VerifyOptions
 
         method = get_method(recipe.method)

@@ -1,7 +1,7 @@
 """One interface for every quantization method.
 
 A method is one module that subclasses :class:`Method` and declares what it supports as class
-attributes, plus one entry in :mod:`qtk.quantize.registry` (CLI name, output format, the options its
+attributes, plus one entry in :mod:`qtk.methods` (CLI name, output format, the options its
 output depends on, memory model). Adding a method (llm-compressor W4A16, FP8, GGUF k-quants...) is
 that module and that entry: the CLI, the planner and provision read the registry, and the pipeline
 (validation, calibration, atomic output, model card, provenance) is shared. ``tests/toy_method.py``

@@ -27,7 +27,7 @@ from pathlib import Path
 from .. import errors
 from .._digest import file_sha256 as _sha256
 from .base import Method, QuantizeOptions, RunContext
-from .gguf_types import FILE_TYPES, IMATRIX_UNUSED, FileType, file_type
+from ..gguf_types import FILE_TYPES, IMATRIX_UNUSED, FileType, file_type
 from .source import SourceModel
 
 __all__ = ["GGUF"]

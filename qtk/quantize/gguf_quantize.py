@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import errors
-from .gguf_types import FileType
+from ..gguf_types import FileType
 
 __all__ = ["quantize_gguf"]
 

@@ -28,7 +28,7 @@ from ..settings import Settings
 from .base import Method, QuantizeOptions, RunContext
 from ._output import OutputRun, recover
 from .calibration import Samples, build_samples, load_calibration
-from .registry import get_method, method_spec
+from ..methods import get_method, method_spec
 from .source import SourceModel, file_sha256, resolve_model
 
 __all__ = ["QuantizeResult", "quantize", "resolve_device", "PROVENANCE_FILE"]

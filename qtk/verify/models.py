@@ -35,7 +35,7 @@ class Generation:
     prompt_tokens: int
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmRSS:"):
@@ -114,7 +114,7 @@ class Model(ABC):
         return sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
 
     def memory(self) -> dict:
-        return {"rss_bytes": _rss_bytes()}
+        return {"rss_bytes": rss_bytes()}
 
 
 class HFModel(Model):

@@ -16,7 +16,7 @@ from .. import __version__, errors
 from .._stdio import stdout_to_stderr
 from .gates import Gates, check_gates, gate_error
 from .kl import KLAccumulator
-from .models import Model, _rss_bytes, open_model
+from .models import Model, rss_bytes, open_model
 from .perplexity import summarize, token_nll, windows
 from .report import short_name
 from .smoke import run_smoke
@@ -160,11 +160,11 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
             taskset = load_tasks(opts.tasks, opts.tasks_dir)
     models: list[tuple[str, Model, int | None]] = []
     for i, spec in enumerate(specs):
-        before = _rss_bytes()
+        before = rss_bytes()
         log(f"loading model {i + 1}/{len(specs)}: {short_name(spec)}")
         with stdout_to_stderr():
             m = open_model(spec, gguf_file=gguf_file, device=device, threads=opts.threads, n_ctx=n_ctx)
-        after = _rss_bytes()
+        after = rss_bytes()
         models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
     ref = models[0][1]
     token_ids = [m.tokenize(text) for _, m, _ in models]
@@ -234,7 +234,7 @@ def _memory_needed(path, fmt: str, device: str, ctx: int) -> tuple[str, int] | N
     except errors.QtkError:
         return None
     qc = cfg.get("quantization_config") or {}
-    from ..quantize.registry import methods
+    from ..methods import methods
 
     method = next((m.name for m in methods() if m.output_format == fmt), None)
     weights = quantized_format(method, int(qc.get("group_size") or 128)) if method else FORMATS["bf16"]
