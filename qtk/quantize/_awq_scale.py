@@ -77,7 +77,8 @@ def compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, f
                        coarse: int = COARSE, keep: int = KEEP):
     """Drop-in for ``AWQProcessor._compute_best_scale`` (GPTQModel 7.6): same arguments and result
     (best scales on the CPU, their loss); each evaluated ratio's loss is computed by the stock code's
-    steps; ``coarse`` 1 evaluates the whole grid, as the stock code does."""
+    steps; ``coarse`` 1 evaluates the whole grid, as the stock code does. Long because it keeps the stock
+    function's steps in their order (master copy, device, the ratio loop, restore), so the two read side by side."""
     import torch
 
     # a float32 master copy on the CPU; copy=True: for a float32 CPU layer the stock ``.to(torch.float32)

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__, _fs, errors
+from .. import __version__, _fs, _json, errors
 from .._stdio import stdout_to_stderr
 from ..devices import resolve_device
 from ..settings import Settings
@@ -251,19 +251,7 @@ def quantize(
         model = replace(model, repo_id=origin["repo_id"], commit=origin["commit"])
     options = replace(options, sym=method.sym(options))
     method.validate(model, options, device)
-    samples: Samples | None = None
-    if method.calibrates(options):
-        from transformers import AutoTokenizer
-
-        cal = load_calibration(options.calibration, text_field=options.text_field, settings=settings)
-        tok = AutoTokenizer.from_pretrained(model.path)
-        chat_template = options.chat_template
-        if chat_template is None:
-            chat_template = cal.kind == "chat" and bool(getattr(tok, "chat_template", None))
-        samples = build_samples(cal, tok, samples=options.samples, seq_len=options.seq_len, seed=options.seed,
-                                chat_template=chat_template, allow_fewer=options.allow_fewer)
-        if len(samples.input_ids) < options.samples:
-            warn(f"Only {len(samples.input_ids)} calibration samples (asked for {options.samples}): --allow-fewer.")
+    samples = _samples(method, model, options, settings, warn)
     _check_resources(model, method, options, device, out.parent, warn)  # after the cheap checks, before any load
     log(f"Quantizing {model.repo_id or model.path} ({model.num_params / 1e6:.0f}M params, {model.dtype}) with "
         f"{method.name} {method.label(options)} on {device}")
@@ -277,50 +265,14 @@ def quantize(
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t_run = time.monotonic()
-        try:
-            layers = contextlib.nullcontext() if method.reports_progress else _layer_progress(model, device, progress)
-            with stdout_to_stderr(), layers:
-                details = method.run(RunContext(model, options, samples, device, tmp, work_dir=work, progress=progress))
-        except torch.cuda.OutOfMemoryError as exc:
-            raise errors.ResourceError(
-                f"CUDA out of memory while quantizing with {method.name}: {str(exc).splitlines()[0]}",
-                hint="Lower --samples or --seq-len (activations scale with both), or use a GPU with more memory.",
-            ) from exc
-        except MemoryError as exc:
-            raise errors.ResourceError("Out of CPU memory while quantizing.",
-                                       hint="Lower --samples/--seq-len, or use a bigger machine.") from exc
+        ctx = RunContext(model, options, samples, device, tmp, work_dir=work, progress=progress)
+        details = _run_method(method, ctx, progress)
         run_s = time.monotonic() - t_run
-        if method.writes_checkpoint:
-            for name in _COPY_FROM_SOURCE:
-                if (model.path / name).is_file():
-                    shutil.copyfile(model.path / name, tmp / name)
-            _drop_build_paths(tmp)
-            qcfg = _check_quantization_config(tmp, method, options)
-        else:  # files of the method's own format (GGUF): run() checked them and described them in its details
-            qcfg = method.expected_config(options)
-        prov = {
-            "qtk_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {
-                **model.to_dict(),
-                "weights_sha256": {f.name: file_sha256(f) for f in model.weight_files},
-                **(origin or {}),
-            },
-            "method": method.name,
-            "options": options.to_dict(),
-            "quantization_config": qcfg,
-            "calibration": samples.to_dict() if samples else None,
-            "versions": {**method.versions(), "qtk": __version__, "python": platform.python_version()},
-            "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
-            "torch_threads": torch.get_num_threads(),  # the CPU's share of the bytes depends on it (GPTQ)
-            "method_details": details or {},
-            "quantize_s": round(run_s, 2),
-            "wall_s": round(time.monotonic() - t0, 2),
-            "peak_rss_bytes": _peak_rss_bytes(),
-            "peak_vram_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-        }
+        qcfg = _complete_output(tmp, method, model, options)
+        prov = _provenance(model, method, options, samples, qcfg, device, details, origin=origin,
+                           run_s=run_s, wall_s=time.monotonic() - t0)
         (tmp / "README.md").write_text(method.model_card(model, prov) or _model_card(model, method, prov))
-        _fs.seal(tmp, PROVENANCE_FILE, json.dumps(prov, indent=2, default=str) + "\n")  # last, durably
+        _fs.seal(tmp, PROVENANCE_FILE, _json.dumps(prov, indent=2) + "\n")  # last, durably
         try:
             run.install(overwrite=overwrite)  # --overwrite: swapped, `out` is never half of either, nor missing
         except FileExistsError:  # made by another run meanwhile
@@ -330,3 +282,79 @@ def quantize(
         run.abandon()
         raise
     return QuantizeResult(out, prov)
+
+
+def _samples(method, model, options: QuantizeOptions, settings, warn) -> Samples | None:
+    """The calibration samples, when this run reads any (``method.calibrates``)."""
+    if not method.calibrates(options):
+        return None
+    from transformers import AutoTokenizer
+
+    cal = load_calibration(options.calibration, text_field=options.text_field, settings=settings)
+    tok = AutoTokenizer.from_pretrained(model.path)
+    chat_template = options.chat_template
+    if chat_template is None:
+        chat_template = cal.kind == "chat" and bool(getattr(tok, "chat_template", None))
+    samples = build_samples(cal, tok, samples=options.samples, seq_len=options.seq_len, seed=options.seed,
+                            chat_template=chat_template, allow_fewer=options.allow_fewer)
+    if len(samples.input_ids) < options.samples:
+        warn(f"Only {len(samples.input_ids)} calibration samples (asked for {options.samples}): --allow-fewer.")
+    return samples
+
+
+def _run_method(method, ctx: RunContext, progress: Progress | None) -> dict | None:
+    """``method.run`` with its output in the log and qtk's layer progress; out-of-memory as ResourceError."""
+    import torch
+
+    try:
+        layers = contextlib.nullcontext() if method.reports_progress else _layer_progress(ctx.model, ctx.device,
+                                                                                            progress)
+        with stdout_to_stderr(), layers:
+            return method.run(ctx)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise errors.ResourceError(
+            f"CUDA out of memory while quantizing with {method.name}: {str(exc).splitlines()[0]}",
+            hint="Lower --samples or --seq-len (activations scale with both), or use a GPU with more memory.",
+        ) from exc
+    except MemoryError as exc:
+        raise errors.ResourceError("Out of CPU memory while quantizing.",
+                                   hint="Lower --samples/--seq-len, or use a bigger machine.") from exc
+
+
+def _complete_output(tmp: Path, method, model, options: QuantizeOptions) -> dict:
+    """A checkpoint gets the source's side files, loses the build machine's paths and has its
+    quantization_config checked; files of a method's own format (GGUF) were checked by its run."""
+    if not method.writes_checkpoint:
+        return method.expected_config(options)
+    for name in _COPY_FROM_SOURCE:
+        if (model.path / name).is_file():
+            shutil.copyfile(model.path / name, tmp / name)
+    _drop_build_paths(tmp)
+    return _check_quantization_config(tmp, method, options)
+
+
+def _provenance(model, method, options: QuantizeOptions, samples: Samples | None, qcfg: dict, device: str,
+                details: dict | None, *, origin: dict | None, run_s: float, wall_s: float) -> dict:
+    import torch
+
+    return {
+        "qtk_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            **model.to_dict(),
+            "weights_sha256": {f.name: file_sha256(f) for f in model.weight_files},
+            **(origin or {}),
+        },
+        "method": method.name,
+        "options": options.to_dict(),
+        "quantization_config": qcfg,
+        "calibration": samples.to_dict() if samples else None,
+        "versions": {**method.versions(), "qtk": __version__, "python": platform.python_version()},
+        "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}",
+        "torch_threads": torch.get_num_threads(),  # the CPU's share of the bytes depends on it (GPTQ)
+        "method_details": details or {},
+        "quantize_s": round(run_s, 2),
+        "wall_s": round(wall_s, 2),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_vram_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+    }

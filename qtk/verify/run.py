@@ -158,40 +158,16 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
         log(f"loading tasks: {', '.join(opts.tasks)}")
         with stdout_to_stderr():
             taskset = load_tasks(opts.tasks, opts.tasks_dir)
-    models: list[tuple[str, Model, int | None]] = []
-    for i, spec in enumerate(specs):
-        before = rss_bytes()
-        log(f"loading model {i + 1}/{len(specs)}: {short_name(spec)}")
-        with stdout_to_stderr():
-            m = open_model(spec, gguf_file=gguf_file, device=device, threads=opts.threads, n_ctx=n_ctx)
-        after = rss_bytes()
-        models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
-    ref = models[0][1]
+    models = _load_models(specs, opts, gguf_file=gguf_file, device=device, n_ctx=n_ctx, log=log)
     token_ids = [m.tokenize(text) for _, m, _ in models]
     passes = _measure([m for _, m, _ in models], token_ids, opts, progress)
     reports = []
     for (role, m, rss), ids, p in zip(models, token_ids, passes):
-        match = None
-        if m is not ref:
-            # share of the reference's ids reproduced before the first difference (one differing
-            # token shifts everything after it, so a position-wise count would mean nothing)
-            ref_ids = token_ids[0]
-            n = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
-            match = 1.0 if ids == ref_ids else n / max(len(ref_ids), 1)
         rep = ModelReport(m.name, m.format, role, m.size_bytes, m.load_s, rss, len(ids),
                           summarize(p.nlls, len(ids)).to_dict(), p.prefill_tps,
-                          p.kl.result().to_dict() if p.kl else None, getattr(m, "compute_dtype", None), match)
-        if opts.smoke:
-            log(f"smoke generation {len(reports) + 1}/{len(models)}: {short_name(m.name)}")
-            with stdout_to_stderr():
-                rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
-                                                            temperature=opts.temperature, top_p=opts.top_p,
-                                                            seed=opts.seed)]
-        if device == "cuda":
-            import torch
-
-            rep.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+                          p.kl.result().to_dict() if p.kl else None, getattr(m, "compute_dtype", None),
+                          None if role == "reference" else _ids_match(ids, token_ids[0]))
+        _smoke_and_peak(rep, m, opts, device, log, f"{len(reports) + 1}/{len(models)}")
         reports.append(rep)
     if taskset is not None:
         from .tasks import evaluate_all, recovery
@@ -204,17 +180,58 @@ def verify(reference: str, candidates: list[str], opts: VerifyOptions, *, gguf_f
         rep.ppl_increase_pct = (rep.perplexity["ppl"] / ref_ppl - 1) * 100 if math.isfinite(ref_ppl) else math.nan
     return {
         "qtk_version": __version__,
-        "protocol": {"ctx": opts.ctx, "scored": "second half of each window", "max_tokens": opts.max_tokens,
-                     "text": opts.text, "text_sha256": text_sha, "bos": "as each model's tokenizer adds it",
-                     "kl_on": "the reference's token ids", "smoke_max_new_tokens": opts.max_new_tokens,
-                     "temperature": opts.temperature, "top_p": opts.top_p, "seed": opts.seed,
-                     **({"tasks": taskset.protocol(limit=opts.limit, seed=opts.seed, num_fewshot=opts.num_fewshot)}
-                        if taskset is not None else {})},
+        "protocol": _protocol(opts, text_sha, taskset),
         "hardware": {"device": device, "machine": platform.machine(), "processor": platform.processor(),
                      "python": platform.python_version()},
         "versions": _versions(),
         "models": [r.to_dict() for r in reports],
     }
+
+
+def _load_models(specs: list[str], opts: VerifyOptions, *, gguf_file, device: str, n_ctx: int, log):
+    """(role, model, resident bytes its load added) for each spec, in order: the reference first."""
+    models: list[tuple[str, Model, int | None]] = []
+    for i, spec in enumerate(specs):
+        before = rss_bytes()
+        log(f"loading model {i + 1}/{len(specs)}: {short_name(spec)}")
+        with stdout_to_stderr():
+            m = open_model(spec, gguf_file=gguf_file, device=device, threads=opts.threads, n_ctx=n_ctx)
+        after = rss_bytes()
+        models.append(("reference" if i == 0 else "candidate", m, (after - before) if before and after else None))
+    return models
+
+
+def _ids_match(ids: list[int], ref_ids: list[int]) -> float:
+    """The share of the reference's ids reproduced before the first difference (one differing token shifts
+    everything after it, so a position-wise count would mean nothing)."""
+    if ids == ref_ids:
+        return 1.0
+    n = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+    return n / max(len(ref_ids), 1)
+
+
+def _smoke_and_peak(rep: ModelReport, m: Model, opts: VerifyOptions, device: str, log, which: str) -> None:
+    """The smoke generations (when asked) and, on CUDA, the peak memory this model's passes allocated."""
+    if opts.smoke:
+        log(f"smoke generation {which}: {short_name(m.name)}")
+        with stdout_to_stderr():
+            rep.smoke = [s.to_dict() for s in run_smoke(m, max_new_tokens=opts.max_new_tokens,
+                                                        temperature=opts.temperature, top_p=opts.top_p,
+                                                        seed=opts.seed)]
+    if device == "cuda":
+        import torch
+
+        rep.cuda_max_allocated_bytes = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _protocol(opts: VerifyOptions, text_sha: str, taskset) -> dict:
+    return {"ctx": opts.ctx, "scored": "second half of each window", "max_tokens": opts.max_tokens,
+            "text": opts.text, "text_sha256": text_sha, "bos": "as each model's tokenizer adds it",
+            "kl_on": "the reference's token ids", "smoke_max_new_tokens": opts.max_new_tokens,
+            "temperature": opts.temperature, "top_p": opts.top_p, "seed": opts.seed,
+            **({"tasks": taskset.protocol(limit=opts.limit, seed=opts.seed, num_fewshot=opts.num_fewshot)}
+               if taskset is not None else {})}
 
 
 def _memory_needed(path, fmt: str, device: str, ctx: int) -> tuple[str, int] | None:
