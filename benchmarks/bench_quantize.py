@@ -190,7 +190,7 @@ def summary(report: dict) -> list[str]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["gptq", "nf4", "awq"])
     ap.add_argument("--direct-methods", nargs="*", default=["gptq", "nf4"],
@@ -210,27 +210,38 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="move qtk's outputs here (<DIR>/<method>) instead of deleting them")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def prepare(args, work: Path) -> tuple[Path, list[int], float]:
+    """The BF16 model (truncated with --layers), the held-out evaluation ids, its perplexity; writes the
+    calibration token ids `qtk quantize --calibration chat --seed S` builds to work/samples.json for the
+    direct call."""
     import torch
     from transformers import AutoTokenizer
 
     from qtk.embedded import build_bf16_checkpoint
     from qtk.quantize.calibration import build_samples, load_calibration
 
-    work = Path(tempfile.mkdtemp(prefix="qtk-bench-q-"))
     cache = Path(os.environ.get("QTK_TEST_CACHE", Path(__file__).resolve().parent.parent / ".qtk-test-cache"))
     src = build_bf16_checkpoint(cache / "smollm2-135m-bf16")
     if args.layers:
         src = build_bf16_checkpoint(cache / f"smollm2-135m-bf16-{args.layers}layers", num_layers=args.layers, base=src)
     tok = AutoTokenizer.from_pretrained(src)
     eval_ids = tok("\n\n".join(load_calibration("prose-heldout").documents))["input_ids"][: args.eval_tokens]
-    # the token ids `qtk quantize --calibration chat --seed S` builds, handed to the direct call
     samples = build_samples(load_calibration("chat"), tok, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                             chat_template=True)
     (work / "samples.json").write_text(json.dumps(samples.input_ids))
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    base_ppl = perplexity(src, eval_ids, args.device)
+    return src, eval_ids, perplexity(src, eval_ids, args.device)
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="qtk-bench-q-"))
+    src, eval_ids, base_ppl = prepare(args, work)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_DISABLE_TELEMETRY": "1",
            **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
