@@ -35,7 +35,14 @@ def _ctx(tmp_path: Path, work: Path, **opts) -> RunContext:
     return RunContext(model, QuantizeOptions(method="gptq", **opts), samples, "cpu", tmp_path / "out", work_dir=work)
 
 
-def test_identity_decides_resume_or_discard(tmp_path):
+@pytest.fixture
+def threads_without_torch(monkeypatch):
+    """The identity's torch thread count without importing torch: these tests also run on the torch-free
+    profile (the count's own effect is tested with real runs below)."""
+    monkeypatch.setattr(_resume, "torch_threads", lambda: 2)
+
+
+def test_identity_decides_resume_or_discard(tmp_path, threads_without_torch):
     work = tmp_path / ".out.qtk-work"
     ident = _resume.run_identity(_ctx(tmp_path, work), "gptq")
     assert _resume._prepare(work, ident) == "fresh"
@@ -65,7 +72,8 @@ def test_identity_decides_resume_or_discard(tmp_path):
     ({}, {"backend": "auto"}, "run_args"),
     ({"QTK_DEBUG": "1", "QTK_TEST_CACHE": "/elsewhere"}, {}, None),  # selects no algorithm: resumed
 ])
-def test_what_selects_the_algorithm_is_part_of_the_identity(tmp_path, monkeypatch, env, run_args, changed):
+def test_what_selects_the_algorithm_is_part_of_the_identity(tmp_path, monkeypatch, env, run_args, changed,
+                                                            threads_without_torch):
     work = tmp_path / ".out.qtk-work"
     ctx = _ctx(tmp_path, work)
     base = {"batch_size": 1, "backend": "awq_torch"}
