@@ -342,6 +342,9 @@ def resume(args) -> dict:
     # --from-cache: the killed and the resumed run quantize a repo id from an HF cache (offline), the fresh
     # run (the anchor for time and bytes) the plain directory
     cache_env = {"HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1"} if args.from_cache else {}
+    # a checkpoint after every layer, so "killed at half" is half whatever the cadence (QTK_RESUME_EVERY: by
+    # default a checkpoint waits for elapsed time, README "Resume")
+    cache_env["QTK_RESUME_EVERY"] = "layer"
     spec = Path(_as_hf_cache(src, work / "hf" / "hub", "bench/smollm2")) if args.from_cache else src
     for method in args.methods:
         fresh = run_qtk(src, work / f"{method}-fresh", method, **kw)
