@@ -124,3 +124,42 @@ def test_a_connection_error_is_retryable_and_names_no_credentials(session):
     with pytest.raises(Retryable) as exc:
         session.request("GET", "http://user:pw@127.0.0.1:9/x", {})
     assert "pw" not in str(exc.value)
+
+
+def _sockets_to(port: int) -> int:
+    """This process's established TCP connections to ``port`` (fd -> socket inode -> /proc/self/net/tcp)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    rows = [line.split() for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for r in rows if int(r[2].rsplit(":", 1)[1], 16) == port and r[3] == "01" and r[9] in inodes)
+
+
+@pytest.mark.skipif(not Path("/proc/self/net/tcp").exists(), reason="reads /proc")
+def test_a_pull_closes_its_connections_and_stops_its_threads(hub, cache_dir):
+    """The byte path's keep-alive connections are closed when the pull returns, not whenever the garbage
+    collector gets to the fetcher (its threads' callbacks make it a cycle): a provision run pulls many
+    models in one process. No rate-guard thread outlives the pull either."""
+    import gc
+
+    from qtk.hub.download import plan_pull, pull
+    from qtk.settings import Settings
+
+    port = hub.server_address[1]
+    gc.collect()
+    gc.disable()  # what the pull leaves open must be closed by the pull, not by a collection
+    try:
+        plan = plan_pull("acme/big", settings=Settings.from_env(), check_access=False)
+        metadata = _sockets_to(port)  # the metadata client's (huggingface_hub's shared one): not the byte path's
+        pull(plan, connections=4)
+        assert _sockets_to(port) == metadata
+    finally:
+        gc.enable()
+    assert not [t for t in threading.enumerate() if t.name == "qtk-rate-guard" and t.is_alive()]

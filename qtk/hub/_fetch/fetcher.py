@@ -240,8 +240,10 @@ class Fetcher:
         with self._flusher.exclusive():  # no state file is written for it from here on
             task.set_finished()
         fd = task.close_part()
-        os.fsync(fd)  # the verified bytes are on disk before the rename makes them the blob
-        os.close(fd)
+        try:
+            os.fsync(fd)  # the verified bytes are on disk before the rename makes them the blob
+        finally:
+            os.close(fd)
         job.on_complete(job.part_path)  # atomic move into place (the target fsyncs the directory)
         with contextlib.suppress(FileNotFoundError):
             task.state_path.unlink()
@@ -288,7 +290,7 @@ class Fetcher:
             self._flusher.periodic(self._task_list, may_sync=True)
 
     def _shutdown(self) -> None:
-        self._session.close()  # reads still in flight (the pull failed or was stopped) return now
+        self._session.interrupt()  # reads still in flight (the pull failed or was stopped) return now
         deadline = time.monotonic() + SHUTDOWN_S
         workers_ended = self._workers.stop(SHUTDOWN_S, drop_queued=self._stop.is_set())
         hasher_ended = self._hasher.stop(max(0.5, deadline - time.monotonic()))
@@ -300,6 +302,7 @@ class Fetcher:
                 self._flusher.flush(task, sync=True)  # keep what was finished for the next run
                 if not stuck:  # a thread blocked in a read may still write to this fd
                     self._close(task)
+        self._session.close()
 
     def _discard(self, task: FileTask, *, keep_files: bool = False) -> None:
         """Drop a file that failed verification twice: nothing of it stays behind (``keep_files``:

@@ -135,6 +135,13 @@ class Session:
             "(finished bytes are kept), or report it to the Hub's operators.",
         )
 
-    def close(self) -> None:
+    def interrupt(self) -> None:
         """Reads still in flight (the pull failed or was stopped) return now."""
         self.guard.close()
+
+    def close(self) -> None:
+        """Once the workers have ended: stop the rate guard's thread (a worker's last try may have started it
+        again after :meth:`interrupt`) and close the pool's kept-alive connections now, not when the garbage
+        collector reaches the fetcher (a provision run pulls many models in one process)."""
+        self.guard.close()
+        self._pool.clear()
