@@ -22,11 +22,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import mmap
 import queue
 import threading
 from typing import TYPE_CHECKING, Callable
+
+from ..._digest import new_digest
 
 if TYPE_CHECKING:
     from .task import FileTask
@@ -37,15 +38,8 @@ HASH_PIECE = 16 * 1024 * 1024  # bytes per hashlib update (and per madvise)
 
 
 def new_hasher(digest: tuple[str, str], size: int):
-    """A hashlib object for ``digest``'s algorithm: ``sha256``, or ``git-sha1`` (sha1 of ``blob <size>\\0`` + bytes)."""
-    algo, _ = digest
-    if algo == "sha256":
-        return hashlib.sha256()
-    if algo == "git-sha1":
-        h = hashlib.sha1()
-        h.update(b"blob %d\0" % size)
-        return h
-    raise ValueError(f"unknown digest algorithm {algo!r}")
+    """A hashlib object for ``digest``'s algorithm (:func:`qtk._digest.new_digest`: ``sha256``, or ``git-sha1``)."""
+    return new_digest(digest[0], size)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
