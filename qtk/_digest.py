@@ -8,16 +8,20 @@ GIL on each piece, so threads hashing different files run in parallel).
 Used by ``qtk cache verify`` and the cache's presence checks (:func:`qtk.hub.cache.digest_file`), the
 mirror's hash index (:mod:`qtk.mirror.hashindex`) and quantize's source and output digests
 (:mod:`qtk.quantize.source`, :mod:`qtk.quantize.gguf`). ``qtk pull`` hashes while it downloads, with
-:func:`new_digest`'s objects fed from its own buffers (:mod:`qtk.hub._fetch.hasher`).
+:func:`new_digest`'s objects fed from its own buffers (:mod:`qtk.hub._fetch.hasher`). :func:`tree_digest`
+names a directory's contents (the vendored converter's pinned tree, ``qtk verify --tasks``' task folders in
+provision's verify key).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Container, Iterable
 
-__all__ = ["SHA256", "GIT_SHA1", "CHUNK", "new_digest", "file_digests", "file_digest", "file_sha256"]
+__all__ = ["SHA256", "GIT_SHA1", "CHUNK", "new_digest", "file_digests", "file_digest", "file_sha256", "tree_digest",
+           "TreeTooLarge"]
 
 SHA256 = "sha256"
 GIT_SHA1 = "git-sha1"
@@ -83,3 +87,35 @@ def file_digest(file: str | os.PathLike | int, algo: str = SHA256, **kw) -> str:
 def file_sha256(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes (links followed)."""
     return file_digest(path, SHA256)
+
+
+class TreeTooLarge(ValueError):
+    """:func:`tree_digest`: the files hold more than ``max_bytes`` (nothing was hashed)."""
+
+    def __init__(self, root: Path, total: int, max_bytes: int) -> None:
+        super().__init__(f"{root} holds more than {max_bytes} bytes")
+        self.root, self.total, self.max_bytes = root, total, max_bytes
+
+
+def _is_bytecode(rel: Path) -> bool:
+    return "__pycache__" in rel.parts or rel.suffix == ".pyc"
+
+
+def tree_digest(root: str | os.PathLike, *, exclude: Container[str] = (), max_bytes: int | None = None) -> str:
+    """sha256 over the regular files under ``root``: ``<relative path>\\0<file sha256>\\n`` for each, in
+    sorted order (links to files followed, links to directories not). Left out: the bytecode Python writes
+    beside the sources it imports (``__pycache__/``, ``*.pyc``: a run must not change what names its
+    inputs) and the relative paths in ``exclude``. ``max_bytes``: :class:`TreeTooLarge` before anything
+    is read when the files hold more."""
+    root = Path(root)
+    files = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and not _is_bytecode(rel) and rel.as_posix() not in exclude:
+            files.append((rel.as_posix(), p))
+    if max_bytes is not None and (total := sum(p.stat().st_size for _, p in files)) > max_bytes:
+        raise TreeTooLarge(root, total, max_bytes)
+    h = hashlib.sha256()
+    for rel, p in files:
+        h.update(f"{rel}\0{file_sha256(p)}\n".encode())
+    return h.hexdigest()

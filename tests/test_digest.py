@@ -118,3 +118,29 @@ def test_write_atomic_at_a_dir_fd_never_writes_through_a_planted_temporary(tmp_p
     finally:
         os.close(fd)
     assert outside.read_text() == "keep" and not (d / "r.json").exists()
+
+
+def test_tree_digest_names_the_files_not_the_bytecode(tmp_path):
+    """One directory digest (the vendored converter's pin, task folders in provision's keys): a file's bytes
+    or name change it; Python's bytecode beside imported sources, an excluded path and the order files were
+    written in do not; a tree over ``max_bytes`` is refused before it is read."""
+    d = tmp_path / "t"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.py").write_text("x = 1\n")
+    (d / "sub" / "b.jsonl").write_text('{"a": 1}\n')
+    base = _digest.tree_digest(d)
+    (d / "__pycache__").mkdir()
+    (d / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0bytecode")
+    (d / "sub" / "c.pyc").write_bytes(b"\0bytecode")
+    (d / "RECORD.json").write_text("{}")
+    assert _digest.tree_digest(d, exclude={"RECORD.json"}) == base
+    assert _digest.tree_digest(d) != base
+    (d / "RECORD.json").unlink()
+    (d / "sub" / "b.jsonl").write_text('{"a": 2}\n')
+    assert _digest.tree_digest(d) != base
+    (d / "sub" / "b.jsonl").write_text('{"a": 1}\n')
+    assert _digest.tree_digest(d) == base
+    (d / "sub" / "b.jsonl").rename(d / "sub" / "B.jsonl")
+    assert _digest.tree_digest(d) != base
+    with pytest.raises(_digest.TreeTooLarge):
+        _digest.tree_digest(d, max_bytes=5)

@@ -227,6 +227,31 @@ def test_task_inputs_change_with_the_task_files_only(tmp_path):
     assert task_inputs(["x"], str(d), 11, None) != task_inputs(["x"], str(d), 10, None)
 
 
+def test_task_inputs_ignore_the_bytecode_a_task_function_leaves(tmp_path):
+    """A --tasks-dir YAML with `!function utils.f` makes lm-eval import utils.py, and Python writes
+    __pycache__/utils.*.pyc beside it: the verify key must not change because a run happened (a second
+    `qtk provision` would verify again), nor when another Python version writes its own bytecode."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from qtk.verify.tasks import task_inputs
+
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "utils.py").write_text("def process_docs(ds):\n    return ds\n")
+    (d / "x.yaml").write_text("task: x\nprocess_docs: !function utils.process_docs\n")
+    before = task_inputs(["x"], str(d), 10, None)
+    dont_write = sys.dont_write_bytecode
+    sys.dont_write_bytecode = False
+    try:
+        load_yaml(d / "x.yaml", resolve_func=True)  # what lm-eval does when it reads the task
+    finally:
+        sys.dont_write_bytecode = dont_write
+    assert list((d / "__pycache__").glob("utils.*.pyc"))
+    (d / "__pycache__" / "utils.cpython-399.pyc").write_bytes(b"another Python's bytecode")
+    assert task_inputs(["x"], str(d), 10, None) == before
+
+
 # ----------------------------------------------------------------------------------- progress, report
 
 class _Req:

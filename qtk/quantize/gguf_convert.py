@@ -14,7 +14,6 @@ importance matrix by the names the quantizer will look up.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .. import errors
+from .. import _digest, errors
 
 __all__ = ["VENDOR_DIR", "VENDOR_FILE", "tree_digest", "converter_info", "supported_architectures",
            "Conversion", "convert_to_gguf"]
@@ -61,15 +60,8 @@ with open(out_json, "w") as fh:
 
 
 def tree_digest(root: Path) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs of the vendored tree (bytecode and
-    the record itself left out)."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if not p.is_file() or "__pycache__" in p.parts or p.suffix == ".pyc" or rel == VENDOR_FILE:
-            continue
-        h.update(f"{rel}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
-    return h.hexdigest()
+    """The vendored tree's digest (:func:`qtk._digest.tree_digest`: bytecode and the record itself left out)."""
+    return _digest.tree_digest(root, exclude={VENDOR_FILE})
 
 
 @lru_cache(maxsize=1)

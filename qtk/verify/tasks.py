@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .. import errors
+from .._digest import TreeTooLarge, tree_digest
 
 __all__ = ["TaskSpec", "TaskSet", "parse_task_names", "load_tasks", "lm_for", "evaluate_model", "evaluate_all",
            "recovery", "task_recovery", "task_inputs", "datasets_offline", "shipped_tasks_dir", "PRIMARY_METRICS",
@@ -107,17 +108,15 @@ def parse_task_names(values: Sequence[str]) -> list[str]:
 
 
 def _tree_sha256(root: Path | None, limit_bytes: int = 1 << 30) -> str | None:
-    """sha256 over a directory's files (relative path + bytes, in sorted order); None: no directory."""
+    """:func:`qtk._digest.tree_digest` of a task directory (the bytecode a task's ``!function`` module
+    leaves there does not count); None: no directory."""
     if root is None or not root.is_dir():
         return None
-    h, seen = hashlib.sha256(), 0
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        seen += p.stat().st_size
-        if seen > limit_bytes:
-            raise errors.UsageError(f"--tasks-dir {root} holds more than {limit_bytes >> 30} GiB.",
-                                    hint="Point it at the task YAMLs and their data only.")
-        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
+    try:
+        return tree_digest(root, max_bytes=limit_bytes)
+    except TreeTooLarge:
+        raise errors.UsageError(f"--tasks-dir {root} holds more than {limit_bytes >> 30} GiB.",
+                                hint="Point it at the task YAMLs and their data only.") from None
 
 
 def task_inputs(names: Sequence[str], tasks_dir: str | None, limit: int | None, num_fewshot: int | None) -> dict:
