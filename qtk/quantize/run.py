@@ -110,21 +110,21 @@ def _check_output(out: Path, overwrite: bool, log: Callable[[str], None] = lambd
 
 def _check_resources(model: SourceModel, method: Method, options: QuantizeOptions, device: str, out_parent: Path,
                      warn) -> None:
-    need = model.weight_bytes // 3  # 4-bit weights + scales are ~1/4 of BF16; keep a margin
-    with contextlib.suppress(errors.ModelFormatError):  # the planner's size of the output, where it reads the config
-        from ..plan import quantized_format, shape_from_config, weight_bytes
+    """Refusals before anything loads: memory first (a model that cannot be held is refused as such, whatever
+    the disk), then the output's disk space; a warning for a big model on the CPU."""
+    _check_memory(model, method, options, device)
+    _check_disk(model, method, options, out_parent)
+    if device == "cpu" and model.num_params > _CPU_WARN_PARAMS:
+        scale = options.samples * options.seq_len / (64 * 256) if method.needs_calibration else 1
+        est = model.num_params / 1e6 * method_spec(method.name).cpu_seconds_per_mparam * scale
+        warn(f"Quantizing {model.num_params / 1e9:.1f}B parameters on the CPU: roughly {est / 3600:.1f} h "
+             "(estimated from SmolLM2-135M timings). A CUDA GPU is much faster.")
 
-        # 8-bit methods (fp8, w8a8) write ~0.6 of the BF16 bytes; 16-bit embeddings make 4-bit ones > 1/3 on small models
-        need = max(need, weight_bytes(shape_from_config(model.config), quantized_format(method.name, options.group_size)))
-    free = shutil.disk_usage(out_parent).free
-    if need > free:
-        raise errors.DiskSpaceError(
-            f"The output needs roughly {need / 1e9:.2f} GB in {out_parent}; {free / 1e9:.2f} GB are free.",
-            hint="Free space or choose another -o.",
-        )
+
+def _check_memory(model: SourceModel, method: Method, options: QuantizeOptions, device: str) -> None:
+    """The planner's estimate (the same formula qtk plan and provision --dry-run use), before loading anything."""
     from ..plan import check_fits, quantize_memory, shape_from_config
 
-    # the planner's estimate (the same formula qtk plan and provision --dry-run use), before loading anything
     with contextlib.suppress(errors.ModelFormatError):  # a config the planner cannot read: no estimate
         shape = shape_from_config(model.config)
         mem = quantize_memory(shape, method.name, device=device, group_size=options.group_size,
@@ -137,12 +137,23 @@ def _check_resources(model: SourceModel, method: Method, options: QuantizeOption
         else:  # on a GPU node GPTQModel may offload layers to disk, so RAM is checked on the CPU path only
             check_fits(mem["host_bytes"], "cpu", what,
                        hint="Use a GPU (--device cuda), lower --samples/--seq-len, or a machine with more memory.")
-    if device == "cpu":
-        if model.num_params > _CPU_WARN_PARAMS:
-            scale = options.samples * options.seq_len / (64 * 256) if method.needs_calibration else 1
-            est = model.num_params / 1e6 * method_spec(method.name).cpu_seconds_per_mparam * scale
-            warn(f"Quantizing {model.num_params / 1e9:.1f}B parameters on the CPU: roughly {est / 3600:.1f} h "
-                 "(estimated from SmolLM2-135M timings). A CUDA GPU is much faster.")
+
+
+def _check_disk(model: SourceModel, method: Method, options: QuantizeOptions, out_parent: Path) -> None:
+    need = model.weight_bytes // 3  # 4-bit weights + scales are ~1/4 of BF16; keep a margin
+    with contextlib.suppress(errors.ModelFormatError):  # the planner's size of the output, where it reads the config
+        from ..plan import quantized_format, shape_from_config, weight_bytes
+
+        # 8-bit methods (fp8, w8a8) write ~0.6 of the BF16 bytes; 16-bit embeddings make 4-bit ones > 1/3 on
+        # small models
+        fmt = quantized_format(method.name, options.group_size)
+        need = max(need, weight_bytes(shape_from_config(model.config), fmt))
+    free = shutil.disk_usage(out_parent).free
+    if need > free:
+        raise errors.DiskSpaceError(
+            f"The output needs roughly {need / 1e9:.2f} GB in {out_parent}; {free / 1e9:.2f} GB are free.",
+            hint="Free space or choose another -o.",
+        )
 
 
 def _standard_keys(cfg: dict, method: Method, options: dict) -> dict:
