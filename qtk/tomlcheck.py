@@ -265,6 +265,11 @@ def read_toml(path: str | Path, *, what: str, error: type[errors.QtkError] = err
         raise error(f"{where}: TOML syntax error: {str(exc).split(' (at line')[0]}.", hint=hint) from None
     except RecursionError:  # not reached with the bound above; a parser change must still fail cleanly
         raise error(f"{file}: nested too deeply to read.", hint=hint) from None
+    except ValueError:  # int() of an integer over Python's digit limit (4300): not a TOMLDecodeError
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)() or 4300
+        m = re.search(r"[0-9_]{%d,}" % limit, text)
+        where = f"{file}:{text.count(chr(10), 0, m.start()) + 1}" if m else str(file)
+        raise error(f"{where}: an integer too long to read (over {limit} digits).", hint=hint) from None
     if _data_depth(data) > MAX_DEPTH:
         raise error(f"{file}: tables nested deeper than {MAX_DEPTH} levels (dotted keys or table headers).",
                     hint=hint)

@@ -110,6 +110,25 @@ def test_long_dotted_keys_are_refused_before_parsing(tmp_path, text, words):
         load_auth(access)
 
 
+HUGE = "9" * 5000  # past Python's int() digit limit: tomllib raised a bare ValueError (exit 1, "likely a bug")
+
+
+@pytest.mark.parametrize("text, line", [
+    (f'[repos."acme/x"]\nprivate = {HUGE}\n', 2),
+    (f'[[users]]\nname = "a"\ntoken = "t"\norgs = [{HUGE}]\n', 4),
+    (f"x = {HUGE[:2000]}_{HUGE[:2500]}\n", 1),
+])
+def test_an_integer_too_long_to_read_is_a_clean_error(qtk, tmp_path, text, line):
+    access = tmp_path / "access.toml"
+    access.write_text(text)
+    with pytest.raises(errors.UsageError, match=f"{access}:{line}: an integer too long to read"):
+        load_auth(access)
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('store = "s"\n' + text)
+    r = qtk("provision", "run", str(manifest), "--dry-run")
+    assert r.exit_code == 2 and f"{manifest}:{line + 1}: an integer too long" in r.stderr, r.stderr
+
+
 def test_brackets_in_strings_and_comments_do_not_count(tmp_path):
     from qtk.provision.manifest import load_manifest
 
