@@ -13,7 +13,8 @@ from qtk import errors
 from qtk.verify.gates import Gates, check_gates
 
 GATES = [("max_ppl_increase_pct", "--max-ppl-increase"), ("max_kld", "--max-kld"), ("min_top1_pct", "--min-top1")]
-BAD_LIMITS = ["nan", "inf", "+inf", "-inf", "-1", "-0.5"]
+BIG = "1" + "0" * 400  # a TOML integer: math.isfinite() of it raised OverflowError (exit 1, "likely a bug")
+BAD_LIMITS = ["nan", "inf", "+inf", "-inf", "-1", "-0.5", BIG, "-" + BIG]
 MANIFEST = 'store = "s"\n[[models]]\nrepo = "acme/x"\n[[models.recipes]]\nmethod = "nf4"\n'
 HEAD, MODELS = MANIFEST.split("\n", 1)
 
@@ -66,7 +67,7 @@ def test_verify_cli_still_refuses_what_is_not_a_number(qtk, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"max_kld": math.nan}, {"max_kld": -1.0}, {"max_ppl_increase_pct": math.inf},
-                                    {"min_top1_pct": 150.0}, {"min_top1_pct": True}])
+                                    {"min_top1_pct": 150.0}, {"min_top1_pct": True}, {"max_kld": 10**400}])
 def test_gates_themselves_refuse_bad_limits(kwargs):
     with pytest.raises(errors.UsageError):
         Gates(**kwargs)

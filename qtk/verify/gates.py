@@ -102,6 +102,8 @@ def limit_problem(gate: Gate, value: object) -> str | None:
     """Why ``value`` cannot be ``gate``'s limit, or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number (got {value!r})"
+    if isinstance(value, int) and abs(value) > 1e300:  # math.isfinite(10**400) raises OverflowError
+        return f"must be a finite number (got an integer of {len(str(abs(value)))} digits)"
     if not math.isfinite(value):
         return f"must be a finite number (got {value})"
     if value < 0:
