@@ -18,7 +18,6 @@ llama.cpp commit of each release), run this, run tests/test_gguf*.py.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -38,15 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEST = ROOT / "qtk" / "_vendor" / "llama_cpp"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sdist", type=Path, help="llama_cpp_python-VERSION.tar.gz (default: pip download it)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    from qtk._digest import file_sha256
     from qtk.quantize.gguf_convert import VENDOR_FILE, tree_digest
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +51,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                             f"llama-cpp-python=={VERSION}", "-d", tmp], check=True)
             sdist = Path(tmp) / f"llama_cpp_python-{VERSION}.tar.gz"
-        got = _sha256(sdist)
+        got = file_sha256(sdist)
         if got != SDIST_SHA256:
             print(f"{sdist}: sha256 {got}, expected {SDIST_SHA256}", file=sys.stderr)
             return 1

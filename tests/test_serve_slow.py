@@ -192,6 +192,9 @@ def test_a_reader_below_the_minimum_rate_is_cut(root):
     readers = SlowReaders(port, 1, 2048)  # 2 KiB/s, under the 8 KiB/s floor
     try:
         deadline = time.monotonic() + 10
+        # first the connection is accepted and bytes flow (open_connections is 0 before accept too)
+        while not readers.got[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
         while srv.open_connections and time.monotonic() < deadline:
             time.sleep(0.1)
         assert srv.open_connections == 0  # cut after an I/O-timeout window below the floor

@@ -56,7 +56,8 @@ class MethodHelpOption(click.Option):
 @click.argument("model")
 @click.option("--method", type=MethodChoice(), required=True, cls=MethodHelpOption, help="(from the method registry)")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory (default: ./<model>-<method>-w<bits>g<group>).")
+              help="Output directory (default: ./<model>-<method>-w<bits>g<group>, g<group> for the methods "
+                   "with group scales; ./<model>-gguf for gguf).")
 @click.option("--bits", type=int, default=None,
               help="Weight bits [default: the method's first: 4; fp8 and w8a8 are 8 only; gptq also takes 8].")
 @click.option("--group-size", type=int, default=128, show_default=True,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .. import _json, errors
+from .. import errors
+from .._fs import write_atomic, write_json
 from ._output import get_output
 from ._progress import backend_session
 
@@ -137,13 +138,13 @@ def verify_cmd(reference, candidates, text_spec, text_field, ctx, max_tokens, gg
         failures = check_gates(report, gates)
         report["gates"] = {**limits, "require_smoke": require_smoke, "failures": failures, "passed": not failures}
         if json_file is not None and str(json_file) != "-":
-            json_file.write_text(_json.dumps(report, indent=2))
+            write_json(json_file, report)
         if md_file is not None:
-            md_file.write_text(render.markdown(report))
+            write_atomic(md_file, render.markdown(report))
         if plot_file is not None:
             render.plot(report, plot_file)  # matplotlib's own chatter (font cache) stays in the log
     if str(json_file) == "-":
-        click.echo(_json.dumps(report, indent=2))
+        out.json(report)  # strict JSON, redacted like every --json document
     if str(json_file) != "-":
         if smoke and smoke_answers and not quiet:  # the answers first: the table is the last thing on the terminal
             for m in report["models"]:

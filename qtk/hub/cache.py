@@ -45,7 +45,8 @@ from .. import errors
 from .._digest import file_digest
 from .._fs import fsync_dir, write_atomic
 from .names import (
-    check_commit_sha, check_oid, check_pull_path, check_pull_tree, is_commit_sha, is_oid, is_pull_path, tree_conflict,
+    PATH_PART_MAX, check_commit_sha, check_oid, check_pull_path, check_pull_tree, is_commit_sha, is_oid, is_pull_path,
+    tree_conflict,
 )
 
 __all__ = [
@@ -61,6 +62,7 @@ META_SUFFIX = ".json"
 BOOKKEEPING_SUFFIXES = (META_SUFFIX, PART_SUFFIX, PART_SUFFIX + ".state.json", PART_SUFFIX + ".state.json.tmp",
                         LOCK_SUFFIX)
 MARKER_DIR = Path(".qtk") / "verified"
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one name and on a whole path (with its NUL)
 PRESENT, MISSING, DAMAGED = "present", "missing", "damaged"
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -170,7 +172,17 @@ def _write_atomic_under(base: Path, rel: str, text: str) -> None:
 def check_placement(base: Path, rel: str, seen: dict[Path, bool]) -> None:
     """Refuse (UnsafePathError, before anything is written) a file ``rel`` whose place below ``base`` is
     blocked: a directory on the way that is a symbolic link or a file, or the place itself a directory.
-    ``seen`` remembers the directories already checked (one ``lstat`` per directory per plan)."""
+    ``seen`` remembers the directories already checked (one ``lstat`` per directory per plan). A path
+    whose whole name (with room for qtk's longest record suffix) is over the kernel's ``PATH_MAX`` is
+    refused too: ``lstat`` and ``open`` of it fail with ENAMETOOLONG."""
+    full = len(os.fsencode(os.path.join(os.path.abspath(base), rel)))
+    if full + (NAME_MAX - PATH_PART_MAX) >= PATH_MAX:
+        raise errors.UnsafePathError(
+            f"Refusing to write {rel[:120]!r}...: below {base} its path is {full} bytes long; the file system "
+            f"takes at most {PATH_MAX - 1}, less room for qtk's records ({NAME_MAX - PATH_PART_MAX}).",
+            hint="Nothing was written. Pull into a shorter --local-dir or cache path, or leave the file out "
+            "(--exclude); if you did not expect such a name, report it to the endpoint.",
+        )
     parts = rel.split("/")
     d = Path(base)
     for part in parts[:-1]:

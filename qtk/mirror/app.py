@@ -422,9 +422,6 @@ class MirrorHandler(PooledRequestHandler):
             raise Rejected(403, "GatedRepo", f"Access to gated repo {entry.repo_id} is restricted: request access.")
         return entry
 
-    def _check_repo(self, repo_type: str, repo_id: str, download: bool) -> None:
-        self._repo(repo_type, repo_id, download)
-
     def _whoami(self, head: bool = False) -> None:
         has_token, user = self._user()
         if user is None:  # no token, an unknown one, or a mirror without users (--access)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._fs import write_atomic
+
 __all__ = ["Imatrix", "collect_imatrix", "write_gguf_imatrix"]
 
 _ALIGN = 32
@@ -79,14 +81,9 @@ def write_gguf_imatrix(path: Path, im: Imatrix) -> str:
                      + struct.pack("<IQ", _F32, offset))
         offset += len(data) + _pad(len(data))
     head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)) + b"".join(kv) + b"".join(infos)
-    h = hashlib.sha256()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        for chunk in (head, b"\0" * _pad(len(head)), *(d + b"\0" * _pad(len(d)) for _, _, d in tensors)):
-            fh.write(chunk)
-            h.update(chunk)
-    tmp.replace(path)
-    return h.hexdigest()
+    data = b"".join((head, b"\0" * _pad(len(head)), *(d + b"\0" * _pad(len(d)) for _, _, d in tensors)))
+    write_atomic(path, data, durable=False)  # made durable with the rest of the output when it is sealed
+    return hashlib.sha256(data).hexdigest()
 
 
 def _batches(samples: list[list[int]], tokens_per_forward: int) -> Iterable[list[list[int]]]:
