@@ -13,6 +13,7 @@ byte range). Unset, qtk uses 10 s to connect and 30 s / 60 s to read.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -62,6 +63,16 @@ def _env_seconds(name: str) -> float | None:
     return value
 
 
+def _env_bytes(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18 and int(raw) > 0):
+        raise errors.UsageError(f"{name}={raw[:40]!r} is not a positive whole number of bytes.",
+                                hint=f"Set {name} to e.g. 67108864 (64 MiB).")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     connect_timeout: float = 10.0
@@ -71,11 +82,21 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 30.0
     retry_after_max: float = 120.0  # longest Retry-After qtk waits for
+    answer_deadline: float = 60.0  # one metadata answer, head and body, in total (QTK_METADATA_DEADLINE)
+    answer_max_bytes: int = 64 * 1024 * 1024  # one metadata answer's body (QTK_METADATA_MAX_BYTES)
 
     @classmethod
     def from_env(cls, **overrides) -> "RetryPolicy":
-        """Timeouts from ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT`` when set (read now)."""
-        env = {}
+        """Timeouts from ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT``, the metadata answer's bounds
+        from ``QTK_METADATA_DEADLINE`` / ``QTK_METADATA_MAX_BYTES``, when set (read now)."""
+        env: dict = {}
+        if (t := _env_seconds("QTK_METADATA_DEADLINE")) is not None:
+            if not math.isfinite(t):
+                raise errors.UsageError(f"QTK_METADATA_DEADLINE must be finite (got {t!r}).",
+                                        hint="Set QTK_METADATA_DEADLINE to e.g. 60.")
+            env["answer_deadline"] = t
+        if (n := _env_bytes("QTK_METADATA_MAX_BYTES")) is not None:
+            env["answer_max_bytes"] = n
         if (t := _env_seconds("HF_HUB_ETAG_TIMEOUT")) is not None:
             env["read_timeout"] = t
         if (t := _env_seconds("HF_HUB_DOWNLOAD_TIMEOUT")) is not None:
