@@ -74,15 +74,16 @@ AUTH_ATTEMPTS = 2  # a person is waiting: one retry after a timeout or a 5xx, th
 
 
 def _whoami(settings: Settings, token: Token) -> Identity:
-    """``GET /api/whoami-v2`` on huggingface_hub's client (its headers and error classes), with the metadata
-    timeouts of :class:`~qtk.hub._retry.RetryPolicy` (``HF_HUB_ETAG_TIMEOUT``, default 30 s to answer, 10 s
-    to connect): huggingface_hub's ``whoami`` has none and waits forever on a server that never answers.
+    """``GET /api/whoami-v2`` with huggingface_hub's headers and error classes on qtk's metadata client, the
+    metadata timeouts of :class:`~qtk.hub._retry.RetryPolicy` (``HF_HUB_ETAG_TIMEOUT``, default 30 s to answer, 10 s
+    to connect) and its bounds on a whole answer (``QTK_METADATA_DEADLINE``, ``QTK_METADATA_MAX_BYTES``:
+    :func:`~qtk.hub._metadata.fetch`): huggingface_hub's ``whoami`` has none and waits forever on a server
+    that never answers, or drips.
     A server that does not answer in time is a :class:`~qtk.errors.NetworkError` naming the endpoint."""
-    import httpx2
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
     from .. import __version__
-    from ._metadata import call_with_retries
+    from ._metadata import call_with_retries, fetch
     from ._retry import RetryPolicy
 
     ctx = HubContext(settings.endpoint, has_token=True)
@@ -90,8 +91,8 @@ def _whoami(settings: Settings, token: Token) -> Identity:
     headers = build_hf_headers(token=token.value, library_name="qtk", library_version=__version__)
 
     def get():
-        r = get_session().get(f"{settings.endpoint}/api/whoami-v2", headers=headers,
-                              timeout=httpx2.Timeout(policy.read_timeout, connect=policy.connect_timeout))
+        r = fetch("GET", f"{settings.endpoint}/api/whoami-v2", headers=headers, policy=policy,
+                  what="Checking the token")
         hf_raise_for_status(r)
         return r
 
