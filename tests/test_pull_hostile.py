@@ -269,3 +269,18 @@ def test_every_page_of_a_paged_listing_carries_the_token(hub, qtk, monkeypatch):
     assert r.exit_code == 0, r.stderr
     pages = [auth for path, auth in hub.faults.auth_headers if "/tree/" in path]
     assert len(pages) == 4 and all(a == f"Bearer {ALICE}" for a in pages)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+def test_a_disk_that_fills_while_a_record_or_link_is_written_is_exit_40(topo, qtk, cache_dir, monkeypatch, err):
+    """CI caught it on a small tmpfs under load: the disk filled while the last step wrote a ref or link (not a
+    body's range, which the fetcher maps itself) and the pull ended "Unexpected OSError ... likely a bug"."""
+    from qtk.hub.cache import CacheTarget
+
+    def full(self, *args, **kwargs):
+        raise OSError(err, os.strerror(err), str(cache_dir / "refs-main"))
+
+    monkeypatch.setattr(CacheTarget, "finalize", full)
+    r = qtk("pull", "acme/cdn-small")
+    assert r.exit_code == 40, r.stderr
+    assert os.strerror(err) in r.stderr and "partial download is kept" in r.stderr

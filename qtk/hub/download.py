@@ -20,6 +20,7 @@ present writes nothing, so it works on a read-only cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -427,10 +428,18 @@ def _destination(plan: PullPlan) -> Path:
 
 @contextlib.contextmanager
 def _writable(plan: PullPlan):
-    """A read-only or foreign-owned destination is NotWritableError (exit 41), not an unexpected OSError."""
+    """A read-only or foreign-owned destination is NotWritableError (exit 41), not an unexpected OSError;
+    a disk that fills up while a small file, a record or a link is written (not only a body's range, which
+    the fetcher maps itself) is DiskSpaceError (exit 40)."""
     try:
         yield
     except OSError as exc:
+        if not isinstance(exc, errors.QtkError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise errors.DiskSpaceError(
+                f"The disk holding {_destination(plan)} is full ({os.strerror(exc.errno)}) while writing "
+                f"{exc.filename or 'a file'} of {plan.repo_id}.",
+                hint="Free some space and re-run the same command: the partial download is kept and resumes.",
+            ) from exc
         err = not_writable(exc, _destination(plan))
         if err is None:
             raise
